@@ -1,0 +1,19 @@
+# lmforge: curate -> tokenizer -> baseline -> pretrain -> finetune -> quantize -> evaluate -> card.
+# Configure with Hydra overrides:  snakemake --cores all --config overrides="train.lr=1e-3"
+include: "workflow/rules/common.smk"
+
+
+rule all:
+    input:
+        [STAGES["card"].dir, STAGES["evaluate"].dir],
+    default_target: True
+
+
+include: "workflow/rules/curate.smk"
+include: "workflow/rules/tokenizer.smk"
+include: "workflow/rules/baseline.smk"
+include: "workflow/rules/pretrain.smk"
+include: "workflow/rules/finetune.smk"
+include: "workflow/rules/quantize.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/card.smk"

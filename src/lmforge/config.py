@@ -1,0 +1,298 @@
+"""The config schema, Hydra composition, and the stage plan.
+
+The YAML files under conf/ hold the values; the dataclasses here hold the types.
+Hydra merges every group file into the typed schema, so a misspelt key or a
+value of the wrong type fails at composition time, which is when Snakemake
+builds the DAG, before any job is submitted.
+
+`plan()` turns one composed config into the pipeline's stages. Each stage's
+key is a hash of the config sections it reads plus its upstream stages' keys,
+so changing `train.lr` gives pretraining a new directory while curation and the
+tokenizer keep theirs.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+@dataclass
+class TaskConfig:
+    min_docstring_words: int = 5
+    max_docstring_chars: int = 400
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    # "stdlib", a local .jsonl/.parquet/.txt file or directory, or a Hub dataset name.
+    source: str = MISSING
+    text_field: str = "text"
+    license: str = MISSING
+    normalization: str = "NFC"
+    min_chars: int = 64
+    max_chars: int = 200_000
+    max_documents: int | None = None
+    validation_fraction: float = 0.05
+    test_fraction: float = 0.1
+    task: TaskConfig = field(default_factory=TaskConfig)
+
+
+@dataclass
+class TokenizerConfig:
+    vocab_size: int = 4096
+    min_frequency: int = 2
+    chat_template: str = MISSING
+
+
+@dataclass
+class BaselineConfig:
+    order: int = 3
+    discount: float = 0.75
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    architecture: str = "llama"
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    max_seq_len: int = 256
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    micro_batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    zero_stage: int = 0
+    precision: str = "fp32"  # fp32 | bf16
+    eval_every: int = 100
+    eval_batches: int = 8
+    checkpoint_every: int = 100
+    processes: int = 1
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+@dataclass
+class FinetuneConfig:
+    method: str = "full"  # full | lora
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class QuantizeConfig:
+    method: str = "int8_weight_only"
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 0.8
+    top_k: int = 50
+    top_p: float = 0.95
+
+
+@dataclass
+class EvalConfig:
+    max_new_tokens: int = 16
+    few_shot: int = 3
+    max_task_examples: int | None = None
+    max_test_documents: int | None = None
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    prompt_template: str = "# {docstring}\ndef "
+    shot_template: str = "# {docstring}\ndef {name}(...):\n    ...\n\n"
+
+
+@dataclass
+class CardConfig:
+    model_name: str = "lmforge-tiny-docstring2name"
+    license: str = "apache-2.0"
+    language: str = "code"
+
+
+@dataclass
+class StageResources:
+    cpus: int = 1
+    mem_mb: int = 4000
+    runtime: int = 60  # minutes, per attempt
+    gpus: int = 0
+    nodes: int = 1
+    partition: str | None = None
+
+
+@dataclass
+class RunConfig:
+    """Where and under what name a run is recorded. Not part of any stage hash."""
+
+    results_dir: str = "results"
+    experiment: str = "lmforge"
+    mlflow_uri: str | None = None  # default: sqlite in results_dir; MLFLOW_TRACKING_URI overrides
+    wandb: bool = False
+
+
+@dataclass
+class Config:
+    seed: int = 1234
+    data: DataConfig = MISSING
+    tokenizer: TokenizerConfig = MISSING
+    baseline: BaselineConfig = MISSING
+    model: ModelConfig = MISSING
+    train: TrainConfig = MISSING
+    finetune: FinetuneConfig = MISSING
+    quantize: QuantizeConfig = MISSING
+    eval: EvalConfig = MISSING
+    card: CardConfig = field(default_factory=CardConfig)
+    resources: dict[str, StageResources] = field(default_factory=dict)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+ConfigStore.instance().store(name="schema", node=Config)
+
+
+class ConfigError(ValueError):
+    """A config a user wrote that cannot run; the message says what to change."""
+
+
+def _keys_at(node: Any, path: list[str]) -> list[str] | None:
+    for part in path:
+        if not isinstance(node, DictConfig) or part not in node:
+            return None
+        node = node[part]
+    return sorted(node.keys()) if isinstance(node, DictConfig) else None
+
+
+def _explain(err: Exception, overrides: list[str]) -> str:
+    """Turn Hydra's error into one that names the key and the valid choices."""
+    text = str(err)
+    if isinstance(err, MissingConfigException) or "Could not find" in text:
+        return text  # Hydra already lists the available options of the group
+    base = compose("config")
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        path = key.split(".")
+        for depth in range(len(path)):  # the first component of the key that does not exist
+            parent = _keys_at(base, path[:depth])
+            if parent is None or path[depth] in parent:
+                continue
+            close = difflib.get_close_matches(path[depth], parent, n=1)
+            hint = f" Did you mean '{'.'.join(path[:depth] + close)}'?" if close else ""
+            where = ".".join(path[:depth]) or "the top level"
+            return f"Unknown config key '{key}'. Valid keys under {where}: {', '.join(parent)}.{hint}"
+    return text
+
+
+def load(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Compose conf/config.yaml with Hydra overrides and validate it against the schema."""
+    overrides = list(overrides)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        try:
+            cfg = compose("config", overrides=overrides)
+            OmegaConf.to_container(cfg, throw_on_missing=True)
+        except (ConfigCompositionException, MissingConfigException, OmegaConfBaseException) as err:
+            raise ConfigError(_explain(err.__cause__ or err, overrides)) from None
+        for stage in cfg.resources:
+            if stage not in STAGES:
+                raise ConfigError(f"Unknown stage 'resources.{stage}'. Valid stages: {', '.join(STAGES)}.")
+    _check_choices(cfg)
+    return cfg
+
+
+def _check_choices(cfg: DictConfig) -> None:
+    choices = {
+        "model.architecture": ("llama", "gpt2"),
+        "train.precision": ("fp32", "bf16"),
+        "finetune.train.precision": ("fp32", "bf16"),
+        "finetune.method": ("full", "lora"),
+        "quantize.method": ("int8_weight_only", "none"),
+        "train.zero_stage": (0, 1, 2, 3),
+        "finetune.train.zero_stage": (0, 1, 2, 3),
+    }
+    for key, valid in choices.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in valid:
+            raise ConfigError(f"Invalid value {value!r} for '{key}'. Valid choices: {', '.join(map(str, valid))}.")
+
+
+# Which config sections each stage reads, and which stages' outputs it reads.
+STAGES: dict[str, dict[str, list[str]]] = {
+    "curate": {"sections": ["data"], "inputs": []},
+    "tokenizer": {"sections": ["tokenizer", "seed"], "inputs": ["curate"]},
+    "baseline": {"sections": ["baseline"], "inputs": ["curate", "tokenizer"]},
+    "pretrain": {"sections": ["model", "train", "seed"], "inputs": ["tokenizer"]},
+    "finetune": {"sections": ["finetune", "seed"], "inputs": ["curate", "tokenizer", "pretrain"]},
+    "quantize": {"sections": ["quantize"], "inputs": ["finetune"]},
+    "evaluate": {
+        "sections": ["eval", "seed"],
+        "inputs": ["curate", "tokenizer", "baseline", "pretrain", "finetune", "quantize"],
+    },
+    "card": {"sections": ["card"], "inputs": ["curate", "tokenizer", "pretrain", "finetune", "quantize", "evaluate"]},
+}
+
+
+def digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+@dataclass
+class Stage:
+    name: str
+    key: str
+    config: dict  # the resolved stage config handed to `python -m lmforge.<name>`
+
+    @property
+    def dir(self) -> str:
+        return f"{self.config['run']['results_dir']}/{self.name}/{self.key}"
+
+
+def plan(cfg: DictConfig) -> dict[str, Stage]:
+    """The stages of one configuration, each keyed by its config and its inputs' keys."""
+    full = OmegaConf.to_container(cfg, resolve=True)
+    run = dict(full["run"])
+    stages: dict[str, Stage] = {}
+    for name, spec in STAGES.items():
+        own = {section: full[section] for section in spec["sections"]}
+        upstream = {dep: stages[dep].key for dep in spec["inputs"]}
+        key = digest({"stage": name, "config": own, "inputs": upstream})
+        stage_cfg = {"stage": name, "key": key, **own, "inputs": {dep: stages[dep].dir for dep in spec["inputs"]}}
+        stage_cfg["run"] = {**run, "run_key": None, "checkpoint_dir": f"{run['results_dir']}/checkpoints/{name}/{key}"}
+        stages[name] = Stage(name, key, stage_cfg)
+    run_key = stages["card"].key  # the card depends on everything: one key per configuration
+    for stage in stages.values():
+        stage.config["run"]["run_key"] = run_key
+    return stages
+
+
+def resources(cfg: DictConfig, stage: str) -> StageResources:
+    node = cfg.resources.get(stage)
+    return StageResources(**OmegaConf.to_container(node)) if node is not None else StageResources()

@@ -1,0 +1,290 @@
+"""Stage 1, curation: corpus -> normalized, filtered, deduplicated, split documents.
+
+Also builds the default fine-tuning task from the same documents, docstring ->
+function name, split by the documents' split so that no text of a test file is
+ever in the training data, and checks the test pairs for leakage into training.
+
+Outputs (Parquet, readable with `datasets.load_dataset("parquet", ...)`):
+  data/{train,validation,test}.parquet   id, text, sha256, n_bytes, source_sha256
+  task/{train,validation,test}.parquet   docstring, name, source_id
+  stats.json                             counts and bytes per step and split
+  datasheet.md                           a draft datasheet for the card stage
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import sys
+import sysconfig
+import unicodedata
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import datasets
+
+from lmforge import stage
+
+SPLITS = ("train", "validation", "test")
+STDLIB_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
+
+
+# -- reading ---------------------------------------------------------------
+
+
+def read_stdlib(stats: Counter) -> Iterator[dict]:
+    """The running interpreter's standard library .py files, without test suites."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if STDLIB_SKIP_DIRS & set(rel.parts[:-1]):
+            continue
+        raw = path.read_bytes()
+        yield from _decode(str(rel), raw, stats)
+
+
+def _decode(doc_id: str, raw: bytes, stats: Counter) -> Iterator[dict]:
+    stats["rows_read"] += 1
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        stats["broken_rows"] += 1
+        return
+    yield {"id": doc_id, "text": text, "source_sha256": hashlib.sha256(raw).hexdigest()}
+
+
+def read_jsonl(path: Path, text_field: str, stats: Counter) -> Iterator[dict]:
+    """One document per line; a line that is not a JSON object with a string text field is skipped and counted."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            stats["rows_read"] += 1
+            try:
+                row = json.loads(line)
+                text = row[text_field]
+                if not isinstance(text, str):
+                    raise TypeError(f"{text_field} is {type(text).__name__}")
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                stats["broken_rows"] += 1
+                print(f"skipping broken row {path}:{number}: {err}", file=sys.stderr)
+                continue
+            doc_id = str(row.get("id", f"{path.name}:{number}"))
+            yield {"id": doc_id, "text": text, "source_sha256": hashlib.sha256(line.encode()).hexdigest()}
+
+
+def read_parquet(path: Path, text_field: str, stats: Counter) -> Iterator[dict]:
+    table = datasets.Dataset.from_parquet(str(path))
+    yield from _from_rows(table, f"{path.name}", text_field, stats)
+
+
+def _from_rows(rows: Iterable[dict], prefix: str, text_field: str, stats: Counter) -> Iterator[dict]:
+    for index, row in enumerate(rows):
+        stats["rows_read"] += 1
+        text = row.get(text_field)
+        if not isinstance(text, str):
+            stats["broken_rows"] += 1
+            continue
+        doc_id = str(row.get("id", f"{prefix}:{index}"))
+        yield {"id": doc_id, "text": text, "source_sha256": hashlib.sha256(text.encode()).hexdigest()}
+
+
+def read_source(data_cfg: dict, stats: Counter) -> Iterator[dict]:
+    """The embedded stdlib, local .jsonl/.parquet/.txt files (a file or a directory), or a Hub dataset."""
+    source, field = data_cfg["source"], data_cfg["text_field"]
+    if source == "stdlib":
+        yield from read_stdlib(stats)
+        return
+    path = Path(source)
+    if path.exists():
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        readers = {".jsonl": read_jsonl, ".json": read_jsonl, ".parquet": read_parquet}
+        for file in files:
+            if file.suffix in readers:
+                yield from readers[file.suffix](file, field, stats)
+            elif file.suffix in (".txt", ".py", ".md"):
+                yield from _decode(
+                    str(file.relative_to(path) if path.is_dir() else file.name), file.read_bytes(), stats
+                )
+        return
+    # Anything else is a Hub dataset name; compute nodes need it in the local HF cache (HF_DATASETS_OFFLINE=1).
+    yield from _from_rows(datasets.load_dataset(source, split="train"), source, field, stats)
+
+
+# -- pipeline steps: each takes and yields documents, counting what it drops --
+
+
+def normalize(docs: Iterable[dict], form: str) -> Iterator[dict]:
+    for doc in docs:
+        doc["text"] = unicodedata.normalize(form, doc["text"])
+        yield doc
+
+
+def filter_length(docs: Iterable[dict], min_chars: int, max_chars: int, stats: Counter) -> Iterator[dict]:
+    for doc in docs:
+        n = len(doc["text"].strip())
+        reason = "empty" if n == 0 else "too_short" if n < min_chars else "too_long" if n > max_chars else None
+        if reason:
+            stats[f"dropped_{reason}"] += 1
+            continue
+        yield doc
+
+
+def deduplicate(docs: Iterable[dict], stats: Counter) -> Iterator[dict]:
+    """Exact deduplication on the normalized text; the first document (in id order) is kept."""
+    seen = set()
+    for doc in docs:
+        doc["sha256"] = hashlib.sha256(doc["text"].encode()).hexdigest()
+        if doc["sha256"] in seen:
+            stats["dropped_duplicate"] += 1
+            continue
+        seen.add(doc["sha256"])
+        yield doc
+
+
+def assign_split(docs: Iterable[dict], validation_fraction: float, test_fraction: float) -> Iterator[dict]:
+    """Split by a hash of the document id: stable when documents are added or removed."""
+    for doc in docs:
+        u = int(hashlib.sha256(doc["id"].encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+        doc["split"] = (
+            "test" if u < test_fraction else "validation" if u < test_fraction + validation_fraction else "train"
+        )
+        doc["n_bytes"] = len(doc["text"].encode())
+        yield doc
+
+
+# -- the fine-tuning task ------------------------------------------------------
+
+
+def docstring_pairs(doc: dict, task_cfg: dict, stats: Counter) -> Iterator[dict]:
+    """Public functions and methods with a docstring of enough words that does not give away the name."""
+    try:
+        tree = ast.parse(doc["text"])
+    except (SyntaxError, ValueError):
+        stats["task_unparsable_documents"] += 1
+        return
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or node.name.startswith("_"):
+            continue
+        docstring = ast.get_docstring(node)
+        if not docstring:
+            continue
+        docstring = " ".join(docstring.split())[: task_cfg["max_docstring_chars"]]
+        if len(docstring.split()) < task_cfg["min_docstring_words"] or node.name.lower() in docstring.lower():
+            continue
+        yield {"docstring": docstring, "name": node.name, "source_id": doc["id"], "split": doc["split"]}
+
+
+def build_task(docs: list[dict], task_cfg: dict, stats: Counter) -> list[dict]:
+    pairs = [pair for doc in docs for pair in docstring_pairs(doc, task_cfg, stats)]
+    names = Counter(p["name"] for p in pairs)
+    docstrings = Counter(p["docstring"] for p in pairs)
+    # A repeated name or docstring is dropped everywhere, so it cannot sit in both train and test.
+    unique = [p for p in pairs if names[p["name"]] == 1 and docstrings[p["docstring"]] == 1]
+    stats["task_pairs_found"] = len(pairs)
+    stats["task_dropped_not_unique"] = len(pairs) - len(unique)
+    return unique
+
+
+def drop_leaked(pairs: list[dict], train_text: str, stats: Counter) -> list[dict]:
+    """Held-out pairs whose docstring or `def name(` occurs anywhere in the training documents leak: drop them."""
+    kept = []
+    for pair in pairs:
+        if pair["split"] != "train" and (pair["docstring"] in train_text or f"def {pair['name']}(" in train_text):
+            stats[f"task_dropped_leaked_{pair['split']}"] += 1
+            continue
+        kept.append(pair)
+    return kept
+
+
+# -- the stage -------------------------------------------------------------------------
+
+
+def datasheet(data_cfg: dict, stats: dict) -> str:
+    rows = "\n".join(f"| {k} | {v} |" for k, v in sorted(stats.items()) if not isinstance(v, dict))
+    splits = "\n".join(
+        f"| {s} | {stats['splits'][s]['documents']} | {stats['splits'][s]['bytes']} | {stats['task'][s]} |"
+        for s in SPLITS
+    )
+    source = (
+        f"Python {sys.version.split()[0]} standard library (`.py` files of the running interpreter, test suites excluded)"
+        if data_cfg["source"] == "stdlib"
+        else f"`{data_cfg['source']}`"
+    )
+    return f"""# Datasheet: {data_cfg["name"]}
+
+## Source and licence
+- Source: {source}
+- Licence: {data_cfg["license"]}
+- Per-document source hashes: `source_sha256` column of `data/*.parquet`.
+
+## Curation
+Unicode {data_cfg["normalization"]} normalization; documents shorter than {data_cfg["min_chars"]} or longer than
+{data_cfg["max_chars"]} characters dropped; exact duplicates (sha256 of normalized text) dropped; split by a hash of
+the document id ({data_cfg["validation_fraction"]:.0%} validation, {data_cfg["test_fraction"]:.0%} test).
+
+| count | value |
+|---|---|
+{rows}
+
+## Splits
+| split | documents | bytes | task pairs |
+|---|---|---|---|
+{splits}
+
+## Fine-tuning task
+Docstring -> function name for public functions and methods whose docstring has at least
+{data_cfg["task"]["min_docstring_words"]} words and does not contain the name; names and docstrings that occur more than
+once are dropped everywhere. Pairs come from their document's split, and held-out pairs whose docstring or
+definition appears in any training document are dropped (leakage check).
+"""
+
+
+def main(cfg: dict, out: Path, tracker) -> dict:
+    data_cfg = cfg["data"]
+    stats: Counter = Counter()
+    docs = read_source(data_cfg, stats)
+    docs = normalize(docs, data_cfg["normalization"])
+    docs = filter_length(docs, data_cfg["min_chars"], data_cfg["max_chars"], stats)
+    docs = deduplicate(docs, stats)
+    docs = assign_split(docs, data_cfg["validation_fraction"], data_cfg["test_fraction"])
+    docs = list(docs)[: data_cfg["max_documents"]]
+    if stats["broken_rows"]:
+        print(f"skipped {stats['broken_rows']} broken rows of {stats['rows_read']}", file=sys.stderr)
+    if not docs:
+        raise SystemExit(f"no documents left after curation of {data_cfg['source']!r}: {dict(stats)}")
+
+    train_text = "\n".join(d["text"] for d in docs if d["split"] == "train")
+    pairs = drop_leaked(build_task(docs, data_cfg["task"], stats), train_text, stats)
+
+    summary = {k: int(v) for k, v in stats.items()}
+    summary["documents"] = len(docs)
+    summary["splits"], summary["task"] = {}, {}
+    for split in SPLITS:
+        split_docs = [
+            {k: d[k] for k in ("id", "text", "sha256", "n_bytes", "source_sha256")} for d in docs if d["split"] == split
+        ]
+        split_pairs = [{k: p[k] for k in ("docstring", "name", "source_id")} for p in pairs if p["split"] == split]
+        (out / "data").mkdir(exist_ok=True)
+        (out / "task").mkdir(exist_ok=True)
+        datasets.Dataset.from_list(split_docs).to_parquet(out / "data" / f"{split}.parquet")
+        features = datasets.Features({k: datasets.Value("string") for k in ("docstring", "name", "source_id")})
+        datasets.Dataset.from_list(split_pairs, features=features).to_parquet(out / "task" / f"{split}.parquet")
+        summary["splits"][split] = {"documents": len(split_docs), "bytes": sum(d["n_bytes"] for d in split_docs)}
+        summary["task"][split] = len(split_pairs)
+    summary["python_version"] = sys.version.split()[0] if data_cfg["source"] == "stdlib" else None
+    stage.write_json(out / "stats.json", summary)
+    (out / "datasheet.md").write_text(datasheet(data_cfg, summary))
+    tracker.log_artifacts([out / "stats.json", out / "datasheet.md"])
+    metrics = {k: v for k, v in summary.items() if isinstance(v, int)}
+    for split in SPLITS:
+        metrics[f"{split}_documents"] = summary["splits"][split]["documents"]
+        metrics[f"{split}_bytes"] = summary["splits"][split]["bytes"]
+        metrics[f"{split}_task_pairs"] = summary["task"][split]
+    return metrics
+
+
+if __name__ == "__main__":
+    stage.run(main)

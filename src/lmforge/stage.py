@@ -1,0 +1,141 @@
+"""The contract every stage keeps: `python -m lmforge.<stage> CONFIG OUT_DIR`.
+
+A stage reads its resolved config (written by the Snakefile when it plans the
+DAG), reads the directories named in `config["inputs"]`, and writes its outputs
+into a temporary sibling of OUT_DIR that is renamed into place only when the
+stage succeeded, together with the config snapshot and a manifest (config,
+input hashes, code version, environment, metrics). It is also one MLflow run.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import yaml
+
+PACKAGES = ("torch", "transformers", "tokenizers", "datasets", "deepspeed", "peft", "torchao", "mlflow", "hydra-core")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_tree(root: Path) -> str:
+    """One hash for a directory: its files' relative paths and contents."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(root).rglob("*") if p.is_file()):
+        digest.update(f"{path.relative_to(root)}\0{sha256_file(path)}\n".encode())
+    return digest.hexdigest()
+
+
+def code_version() -> dict:
+    repo = Path(__file__).resolve().parents[2]
+
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=True).stdout
+        except (OSError, subprocess.CalledProcessError):
+            return None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "lmforge": importlib.metadata.version("lmforge"),
+        "git_commit": commit.strip() if commit else None,
+        "git_dirty": bool(status.strip()) if status is not None else None,
+    }
+
+
+def environment() -> dict:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "hostname": socket.gethostname(),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "packages": versions,
+    }
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def is_rank_zero() -> bool:
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0
+
+
+def run(main: Callable[[dict, Path, object], dict]) -> None:
+    """Run one stage: `main(config, work_dir, tracker)` returns the stage's metrics."""
+    if len(sys.argv) != 3:
+        sys.exit(f"usage: python -m {main.__module__} CONFIG.yaml OUT_DIR")
+    import datasets
+
+    from lmforge import tracking
+
+    datasets.disable_progress_bars()  # job logs are files, not terminals
+    cfg = yaml.safe_load(Path(sys.argv[1]).read_text())
+    out = Path(sys.argv[2])
+    work = out.with_name(out.name + ".partial")
+    if "seed" in cfg:
+        seed_everything(cfg["seed"])
+    rank_zero = is_rank_zero()
+    if rank_zero:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+    started = time.time()
+    with tracking.stage_run(cfg, enabled=rank_zero) as tracker:
+        metrics = main(cfg, work, tracker)
+        if not rank_zero:
+            return
+        manifest = {
+            "stage": cfg["stage"],
+            "key": cfg["key"],
+            "config": cfg,
+            "inputs": {name: {"path": path, "sha256": sha256_tree(Path(path))} for name, path in cfg["inputs"].items()},
+            "code": code_version(),
+            "environment": environment(),
+            "seed": cfg.get("seed"),
+            "metrics": metrics,
+            "started": dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat(),
+            "duration_s": round(time.time() - started, 3),
+            "mlflow_run_id": tracker.run_id,
+        }
+        (work / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+        write_json(work / "manifest.json", manifest)
+        tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        tracker.log_artifacts([work / "config.yaml", work / "manifest.json"])
+    shutil.rmtree(out, ignore_errors=True)
+    work.rename(out)

@@ -1,0 +1,16 @@
+rule baseline:
+    input:
+        unpack(stage_inputs("baseline")),
+    output:
+        directory(stage_dir("baseline")),
+    params:
+        config=stage_config("baseline"),
+    log:
+        stage_log("baseline"),
+    threads: stage_threads("baseline")
+    resources:
+        **stage_resources("baseline"),
+    wildcard_constraints:
+        key=KEY,
+    shell:
+        stage_command("baseline")

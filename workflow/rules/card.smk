@@ -1,0 +1,16 @@
+rule card:
+    input:
+        unpack(stage_inputs("card")),
+    output:
+        directory(stage_dir("card")),
+    params:
+        config=stage_config("card"),
+    log:
+        stage_log("card"),
+    threads: stage_threads("card")
+    resources:
+        **stage_resources("card"),
+    wildcard_constraints:
+        key=KEY,
+    shell:
+        stage_command("card")

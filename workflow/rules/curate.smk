@@ -1,0 +1,14 @@
+rule curate:
+    output:
+        directory(stage_dir("curate")),
+    params:
+        config=stage_config("curate"),
+    log:
+        stage_log("curate"),
+    threads: stage_threads("curate")
+    resources:
+        **stage_resources("curate"),
+    wildcard_constraints:
+        key=KEY,
+    shell:
+        stage_command("curate")

@@ -1,0 +1,16 @@
+rule evaluate:
+    input:
+        unpack(stage_inputs("evaluate")),
+    output:
+        directory(stage_dir("evaluate")),
+    params:
+        config=stage_config("evaluate"),
+    log:
+        stage_log("evaluate"),
+    threads: stage_threads("evaluate")
+    resources:
+        **stage_resources("evaluate"),
+    wildcard_constraints:
+        key=KEY,
+    shell:
+        stage_command("evaluate")

@@ -1,0 +1,16 @@
+rule finetune:
+    input:
+        unpack(stage_inputs("finetune")),
+    output:
+        directory(stage_dir("finetune")),
+    params:
+        config=stage_config("finetune"),
+    log:
+        stage_log("finetune"),
+    threads: stage_threads("finetune")
+    resources:
+        **stage_resources("finetune"),
+    wildcard_constraints:
+        key=KEY,
+    shell:
+        stage_command("finetune", CFG.finetune.train.processes)

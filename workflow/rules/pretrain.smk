@@ -1,0 +1,16 @@
+rule pretrain:
+    input:
+        unpack(stage_inputs("pretrain")),
+    output:
+        directory(stage_dir("pretrain")),
+    params:
+        config=stage_config("pretrain"),
+    log:
+        stage_log("pretrain"),
+    threads: stage_threads("pretrain")
+    resources:
+        **stage_resources("pretrain"),
+    wildcard_constraints:
+        key=KEY,
+    shell:
+        stage_command("pretrain", CFG.train.processes)

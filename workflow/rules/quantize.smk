@@ -1,0 +1,16 @@
+rule quantize:
+    input:
+        unpack(stage_inputs("quantize")),
+    output:
+        directory(stage_dir("quantize")),
+    params:
+        config=stage_config("quantize"),
+    log:
+        stage_log("quantize"),
+    threads: stage_threads("quantize")
+    resources:
+        **stage_resources("quantize"),
+    wildcard_constraints:
+        key=KEY,
+    shell:
+        stage_command("quantize")

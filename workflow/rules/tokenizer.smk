@@ -1,0 +1,16 @@
+rule tokenizer:
+    input:
+        unpack(stage_inputs("tokenizer")),
+    output:
+        directory(stage_dir("tokenizer")),
+    params:
+        config=stage_config("tokenizer"),
+    log:
+        stage_log("tokenizer"),
+    threads: stage_threads("tokenizer")
+    resources:
+        **stage_resources("tokenizer"),
+    wildcard_constraints:
+        key=KEY,
+    shell:
+        stage_command("tokenizer")
