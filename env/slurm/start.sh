@@ -129,6 +129,8 @@ else
 fi
 for _ in $(seq 100); do
     scontrol ping 2>/dev/null | grep -q 'is UP' && break
+    # slurmctld forks, writes its pidfile, and may die right after (bad config): fail fast.
+    if [ -s "$STATE_DIR/slurmctld.pid" ] && ! pid_alive "$STATE_DIR/slurmctld.pid"; then break; fi
     sleep 0.1
 done
 scontrol ping 2>/dev/null | grep -q 'is UP' || { show_logs; die "slurmctld does not answer (scontrol ping)"; }
@@ -153,4 +155,15 @@ case "$state" in
     idle|mix|alloc) ;;
     *) show_logs; die "node $HOST not idle after ${TIMEOUT}s (state: '${state:-none}'); logs above" ;;
 esac
+# --- smoke test: a job step really runs (munge credentials, slurmd launch) ---------
+if [ "${SLURM_TEST_SMOKE:-1}" = 1 ]; then
+    smoke="$(timeout 30 srun -N1 -n1 -t 1 --mem=16 -J start-smoke -D / hostname 2>&1)" \
+        || { echo "$smoke" >&2; show_logs; die "smoke job (srun hostname) failed; logs above"; }
+fi
+# --- wait for the first main-scheduler cycle (~3 s after slurmctld starts): before it,
+# sbatch jobs pend; after it they start within ~1 s --------------------------------------
+sched_cycles() { sdiag 2>/dev/null | awk '/^Main schedule statistics/ {m=1} m && /Total cycles:/ {print $3; exit}'; }
+while [ "$SECONDS" -lt "$deadline" ] && [ "$(sched_cycles)" = 0 ]; do sleep 0.2; done
+[ "$(sched_cycles)" != 0 ] || { show_logs; die "main scheduler did not run within ${TIMEOUT}s"; }
+
 echo "start.sh: Slurm test cluster up: node $HOST ($CPUS CPUs, ${MEM_MB} MB, $NGPUS fake GPUs), partitions cpu (default), gpu; state in $STATE_DIR"

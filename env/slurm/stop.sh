@@ -32,36 +32,47 @@ if [ -n "$ctld_pid" ] && kill -0 "$ctld_pid" 2>/dev/null \
     fi
 fi
 
-stop_daemon() {  # name pidfile
+# Check that the pid in <pidfile> is alive and really <name>; print it.
+daemon_pid() {  # name pidfile
     local name="$1" pidfile="$2" pid comm
     pid="$(pid_of "$pidfile" || true)"
-    if [ -z "$pid" ]; then
-        rm -f "$pidfile"; return 0
-    fi
+    [ -n "$pid" ] || return 1
     comm="$(cat "/proc/$pid/comm" 2>/dev/null || true)"
-    if [ -z "$comm" ]; then
-        rm -f "$pidfile"; return 0
-    fi
+    [ -n "$comm" ] || return 1
     if [ "$comm" != "$name" ]; then
         echo "stop.sh: pid $pid from $pidfile is '$comm', not $name; leaving it alone" >&2
-        rm -f "$pidfile"; return 0
+        return 1
     fi
-    kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 100); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    if kill -0 "$pid" 2>/dev/null; then
-        echo "stop.sh: $name ($pid) did not exit after 10 s; sending SIGKILL" >&2
-        kill -KILL "$pid" 2>/dev/null || true
-    fi
-    rm -f "$pidfile"
-    echo "stop.sh: stopped $name ($pid)"
+    echo "$pid"
 }
 
-stop_daemon slurmd "$STATE_DIR/slurmd.pid"
-stop_daemon slurmctld "$STATE_DIR/slurmctld.pid"
-stop_daemon munged "$STATE_DIR/munged.pid"
+stop_daemons() {  # name... : SIGTERM them together, wait up to 10 s, then SIGKILL
+    local name pid pids=() names=()
+    for name in "$@"; do
+        if pid="$(daemon_pid "$name" "$STATE_DIR/$name.pid")"; then
+            kill -TERM "$pid" 2>/dev/null || true
+            pids+=("$pid"); names+=("$name")
+        fi
+        rm -f "$STATE_DIR/$name.pid"
+    done
+    [ "${#pids[@]}" -gt 0 ] || return 0
+    for _ in $(seq 100); do
+        local alive=0
+        for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+        [ "$alive" = 0 ] && break
+        sleep 0.1
+    done
+    for i in "${!pids[@]}"; do
+        if kill -0 "${pids[$i]}" 2>/dev/null; then
+            echo "stop.sh: ${names[$i]} (${pids[$i]}) did not exit after 10 s; sending SIGKILL" >&2
+            kill -KILL "${pids[$i]}" 2>/dev/null || true
+        fi
+        echo "stop.sh: stopped ${names[$i]} (${pids[$i]})"
+    done
+}
+
+# All together: each takes ~1-2 s to exit, and none needs munge to shut down.
+stop_daemons slurmd slurmctld munged
 
 for f in slurm.conf gres.conf; do
     if [ -L "/etc/slurm/$f" ] && [ "$(readlink "/etc/slurm/$f")" = "$STATE_DIR/$f" ]; then

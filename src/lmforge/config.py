@@ -60,7 +60,7 @@ class TokenizerConfig:
 
 @dataclass
 class BaselineConfig:
-    order: int = 3
+    order: int = 2
     discount: float = 0.75
 
 

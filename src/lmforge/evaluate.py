@@ -1,0 +1,134 @@
+"""Stage 7, evaluation: every model on the same held-out data.
+
+For the pretrained, fine-tuned and quantized models (the baseline's figures come from its own stage):
+  - test perplexity and bits per byte on the test documents (chunks of the model's context length);
+  - task exact match, docstring -> function name, with greedy decoding and with seeded sampling
+    (temperature, top-k, top-p from config). The pretrained model is prompted zero-shot and few-shot
+    with code-style prompts; the fine-tuned models with their chat template.
+
+Outputs: results.json (metrics per model, sampling settings, seed), predictions.jsonl.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lmforge import heldout, stage
+from lmforge.finetune import chat_prompt
+
+
+def load(model_dir: str):
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    return model, tokenizer
+
+
+@torch.no_grad()
+def test_nats(model, docs: list[list[int]], context: int, batch_size: int = 16) -> float:
+    """Summed negative log-likelihood of every document token after the first, in chunks of `context` tokens."""
+    chunks = [doc[start : start + context + 1] for doc in docs for start in range(0, len(doc) - 1, context)]
+    total = 0.0
+    for i in range(0, len(chunks), batch_size):
+        batch = chunks[i : i + batch_size]
+        width = max(len(c) for c in batch)
+        ids = torch.tensor([c + [0] * (width - len(c)) for c in batch])
+        targets = torch.tensor([c[1:] + [-100] * (width - len(c)) for c in batch])
+        logits = model(input_ids=ids[:, :-1], attention_mask=(targets != -100).long()).logits
+        total += F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=-100, reduction="sum").item()
+    return total
+
+
+@torch.no_grad()
+def generate_names(model, tokenizer, prompts: list[list[int]], eval_cfg: dict, sample: bool, seed: int) -> list[str]:
+    stop = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    settings = dict(
+        max_new_tokens=eval_cfg["max_new_tokens"],
+        do_sample=sample,
+        eos_token_id=stop,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    if sample:
+        s = eval_cfg["sampling"]
+        settings.update(temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"])
+    else:
+        settings.update(temperature=None, top_k=None, top_p=None)
+    torch.manual_seed(seed)
+    names = []
+    for i in range(0, len(prompts), 32):
+        batch = tokenizer.pad({"input_ids": prompts[i : i + 32]}, return_tensors="pt")
+        output = model.generate(**batch, **settings)
+        for row in output[:, batch["input_ids"].shape[1] :]:
+            names.append(heldout.identifier(tokenizer.decode(row, skip_special_tokens=True)))
+    return names
+
+
+def code_prompts(tokenizer, pairs: list[dict], shots: list[dict], eval_cfg: dict) -> list[list[int]]:
+    prefix = "".join(eval_cfg["shot_template"].format(**shot) for shot in shots)
+    texts = [prefix + eval_cfg["prompt_template"].format(docstring=p["docstring"]) for p in pairs]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def exact_match(names: list[str], pairs: list[dict]) -> float:
+    return sum(n == p["name"] for n, p in zip(names, pairs)) / max(len(pairs), 1)
+
+
+def main(cfg: dict, out: Path, tracker) -> dict:
+    eval_cfg, inputs, seed = cfg["eval"], cfg["inputs"], cfg["seed"]
+    pairs = heldout.task_pairs(inputs["curate"], "test", eval_cfg["max_task_examples"])
+    shots = random.Random(seed).sample(heldout.task_pairs(inputs["curate"], "train"), eval_cfg["few_shot"])
+    texts = heldout.test_documents(inputs["curate"], eval_cfg["max_test_documents"])
+    n_bytes = sum(len(t.encode()) for t in texts)
+
+    baseline = json.loads(Path(inputs["baseline"], "metrics.json").read_text())
+    results = {"baseline": {k: baseline[k] for k in ("test_perplexity", "test_bits_per_byte", "task_exact_match")}}
+    predictions = []
+    for name in ("pretrain", "finetune", "quantize"):
+        model, tokenizer = load(f"{inputs[name]}/model")
+        docs = heldout.document_token_ids(tokenizer, texts)
+        nats = test_nats(model, docs, model.config.max_position_embeddings)
+        metrics = heldout.language_model_metrics(nats, sum(len(d) - 1 for d in docs), n_bytes)
+        if name == "pretrain":
+            prompt_sets = {
+                "zero_shot": code_prompts(tokenizer, pairs, [], eval_cfg),
+                "few_shot": code_prompts(tokenizer, pairs, shots, eval_cfg),
+            }
+        else:
+            prompt_sets = {"chat": [chat_prompt(tokenizer, p["docstring"]) for p in pairs]}
+        for prompting, prompts in prompt_sets.items():
+            for decoding in ("greedy", "sampled"):
+                names = generate_names(model, tokenizer, prompts, eval_cfg, decoding == "sampled", seed)
+                metrics[f"task_exact_match_{prompting}_{decoding}"] = exact_match(names, pairs)
+                predictions += [
+                    {"model": name, "prompting": prompting, "decoding": decoding, "name": p["name"], "predicted": n}
+                    for n, p in zip(names, pairs)
+                ]
+        results[name] = metrics
+        print(f"{name}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
+
+    report = {
+        "models": results,
+        "seed": seed,
+        "sampling": eval_cfg["sampling"],
+        "greedy": {"max_new_tokens": eval_cfg["max_new_tokens"]},
+        "few_shot": eval_cfg["few_shot"],
+        "task_examples": len(pairs),
+        "test_documents": len(texts),
+        "test_bytes": n_bytes,
+    }
+    stage.write_json(out / "results.json", report)
+    with open(out / "predictions.jsonl", "w") as f:
+        f.writelines(json.dumps(p) + "\n" for p in predictions)
+    tracker.log_artifacts([out / "results.json"])
+    flat = {f"{model}.{k}": v for model, m in results.items() for k, v in m.items() if isinstance(v, (int, float))}
+    return {k: v for k, v in flat.items() if math.isfinite(v)}
+
+
+if __name__ == "__main__":
+    stage.run(main)

@@ -1,0 +1,39 @@
+"""The held-out data every model is scored on, read the same way by baseline and evaluate."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import datasets
+
+
+def test_documents(curated: str, limit: int | None = None) -> list[str]:
+    texts = list(datasets.Dataset.from_parquet(f"{curated}/data/test.parquet")["text"])
+    return texts[:limit]
+
+
+def task_pairs(curated: str, split: str, limit: int | None = None) -> list[dict]:
+    return datasets.Dataset.from_parquet(f"{curated}/task/{split}.parquet").to_list()[:limit]
+
+
+def document_token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Each document as <|endoftext|> + its tokens: every model predicts the same tokens from the same start."""
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [[tokenizer.eos_token_id, *doc] for doc in ids]
+
+
+def language_model_metrics(total_nats: float, n_tokens: int, n_bytes: int) -> dict:
+    """Perplexity per token, and bits per UTF-8 byte, which compares models with different tokenizers."""
+    return {
+        "test_perplexity": math.exp(total_nats / n_tokens),
+        "test_bits_per_byte": total_nats / math.log(2) / n_bytes,
+        "test_tokens": n_tokens,
+        "test_bytes": n_bytes,
+    }
+
+
+def identifier(text: str) -> str:
+    """The first Python identifier in generated text: what the model named the function."""
+    match = re.match(r"\s*([A-Za-z_][A-Za-z0-9_]*)", text)
+    return match.group(1) if match else ""

@@ -1,0 +1,100 @@
+"""Stage 4, pretraining: a Llama-style (or GPT-2) model built from config, trained with DeepSpeed.
+
+Reads the tokenizer stage's packed token ids (no tokenizer in the loop), trains on blocks of
+`model.max_seq_len` tokens, and writes the final weights as a plain Hugging Face model directory.
+
+Outputs: model/ (save_pretrained, safetensors, with the tokenizer), metrics.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig
+
+from lmforge import stage, train_loop
+
+
+def build_model(model_cfg: dict, tokenizer) -> torch.nn.Module:
+    special = dict(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+    if model_cfg["architecture"] == "llama":
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=model_cfg["hidden_size"],
+            intermediate_size=model_cfg["intermediate_size"],
+            num_hidden_layers=model_cfg["num_layers"],
+            num_attention_heads=model_cfg["num_heads"],
+            num_key_value_heads=model_cfg["num_kv_heads"],
+            max_position_embeddings=model_cfg["max_seq_len"],
+            tie_word_embeddings=False,
+            **special,
+        )
+    else:
+        config = GPT2Config(
+            vocab_size=len(tokenizer),
+            n_embd=model_cfg["hidden_size"],
+            n_inner=model_cfg["intermediate_size"],
+            n_layer=model_cfg["num_layers"],
+            n_head=model_cfg["num_heads"],
+            n_positions=model_cfg["max_seq_len"],
+            tie_word_embeddings=False,
+            **special,
+        )
+    return AutoModelForCausalLM.from_config(config)
+
+
+def blocks(tokens: np.ndarray, length: int) -> np.ndarray:
+    """The token stream cut into non-overlapping training blocks."""
+    n = len(tokens) // length
+    return tokens[: n * length].reshape(n, length)
+
+
+def block_batch(block_array: np.ndarray, indices: list[int]) -> dict:
+    ids = torch.from_numpy(block_array[indices].astype(np.int64))
+    return {"input_ids": ids, "labels": ids}
+
+
+def main(cfg: dict, out: Path, tracker) -> dict:
+    model_cfg, tcfg = cfg["model"], cfg["train"]
+    tokenizer = AutoTokenizer.from_pretrained(f"{cfg['inputs']['tokenizer']}/tokenizer")
+    train_blocks = blocks(np.load(f"{cfg['inputs']['tokenizer']}/tokens/train.npy"), model_cfg["max_seq_len"])
+    val_blocks = blocks(np.load(f"{cfg['inputs']['tokenizer']}/tokens/validation.npy"), model_cfg["max_seq_len"])
+    mb = tcfg["micro_batch_size"]
+    validation = [
+        block_batch(val_blocks, list(range(i, i + mb)))
+        for i in range(0, min(len(val_blocks) - mb, tcfg["eval_batches"] * mb), mb)
+    ]
+
+    model = build_model(model_cfg, tokenizer)
+    state, metrics = train_loop.train(
+        model,
+        lambda idx: block_batch(train_blocks, idx),
+        len(train_blocks),
+        validation,
+        tcfg,
+        cfg["seed"],
+        Path(cfg["run"]["checkpoint_dir"]),
+        tracker,
+    )
+    if not stage.is_rank_zero():
+        return metrics
+    final = build_model(model_cfg, tokenizer)
+    final.load_state_dict(state)
+    final.save_pretrained(out / "model")
+    tokenizer.save_pretrained(out / "model")
+    metrics["parameters"] = sum(p.numel() for p in final.parameters())
+    metrics["train_tokens_seen"] = (
+        tcfg["steps"] * mb * tcfg["grad_accum"] * int(os.environ["WORLD_SIZE"]) * model_cfg["max_seq_len"]
+    )
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+if __name__ == "__main__":
+    stage.run(main)
