@@ -1,0 +1,177 @@
+"""Stage 8, card: the exported model with a Hugging Face model card, and the datasheet.
+
+Outputs:
+  model/          the fine-tuned model and tokenizer (hard links when possible) with README.md, the model card:
+                  YAML metadata and a model-index of the evaluation results
+  datasheet.md    data source and licence, curation counts, splits, tokenizer, training config,
+                  evaluation table with sampling settings and seeds, limitations
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import yaml
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from lmforge import stage, tracking
+
+ROWS = [  # (label, model key, metric key)
+    ("n-gram baseline", "baseline", None),
+    ("pretrained", "pretrain", "few_shot"),
+    ("fine-tuned", "finetune", "chat"),
+    ("fine-tuned, int8", "quantize", "chat"),
+]
+
+
+def evaluation_table(results: dict) -> str:
+    lines = [
+        "| model | test bits/byte | test perplexity | exact match, greedy | exact match, sampled |",
+        "|---|---|---|---|---|",
+    ]
+    for label, key, prompting in ROWS:
+        m = results["models"][key]
+        if prompting is None:
+            greedy, sampled = f"{m['task_exact_match']:.3f} (first-word heuristic)", "n/a"
+        else:
+            greedy = f"{m[f'task_exact_match_{prompting}_greedy']:.3f}"
+            sampled = f"{m[f'task_exact_match_{prompting}_sampled']:.3f}"
+        lines.append(f"| {label} | {m['test_bits_per_byte']:.3f} | {m['test_perplexity']:.2f} | {greedy} | {sampled} |")
+    return "\n".join(lines)
+
+
+def link_tree(source: Path, target: Path) -> None:
+    """Hard links where the filesystem allows (no extra quota), copies elsewhere."""
+    target.mkdir(parents=True)
+    for path in source.iterdir():
+        try:
+            os.link(path, target / path.name)
+        except OSError:
+            shutil.copy2(path, target / path.name)
+
+
+def main(cfg: dict, out: Path, tracker) -> dict:
+    inputs, card_cfg = cfg["inputs"], cfg["card"]
+    manifests = {name: json.loads(Path(path, "manifest.json").read_text()) for name, path in inputs.items()}
+    results = json.loads(Path(inputs["evaluate"], "results.json").read_text())
+    data_cfg = manifests["curate"]["config"]["data"]
+    sampling = results["sampling"]
+    ft = results["models"]["finetune"]
+
+    eval_results = [
+        EvalResult(
+            task_type="text-generation",
+            dataset_type=data_cfg["name"],
+            dataset_name=f"{data_cfg['name']} test split",
+            metric_type="exact_match",
+            metric_name=f"docstring->name exact match ({decoding})",
+            metric_value=ft[f"task_exact_match_chat_{decoding}"],
+        )
+        for decoding in ("greedy", "sampled")
+    ] + [
+        EvalResult(
+            task_type="text-generation",
+            dataset_type=data_cfg["name"],
+            dataset_name=f"{data_cfg['name']} test split",
+            metric_type="bits_per_byte",
+            metric_name="test bits per byte",
+            metric_value=ft["test_bits_per_byte"],
+        )
+    ]
+    card_data = ModelCardData(
+        model_name=card_cfg["model_name"],
+        license=card_cfg["license"],
+        language=card_cfg["language"],
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=["lmforge", "deepspeed"],
+        eval_results=eval_results,
+    )
+    pretrain_cfg = manifests["pretrain"]["config"]
+    finetune_cfg = manifests["finetune"]["config"]["finetune"]
+    training = yaml.safe_dump(
+        {"model": pretrain_cfg["model"], "pretrain": pretrain_cfg["train"], "finetune": finetune_cfg}, sort_keys=False
+    )
+    evaluation = evaluation_table(results)
+    settings = (
+        f"Seed {results['seed']}. Greedy decoding and sampling with temperature {sampling['temperature']}, top-k "
+        f"{sampling['top_k']}, top-p {sampling['top_p']}, at most {results['greedy']['max_new_tokens']} new tokens; "
+        f"{results['task_examples']} test pairs, {results['test_documents']} test documents ({results['test_bytes']} bytes). "
+        f"The pretrained model is prompted with {results['few_shot']} examples."
+    )
+    limitations = (
+        "A tiny research model trained in minutes on CPU: it names functions from docstrings in the style of the Python "
+        "standard library and does nothing else well. Do not use it for anything but testing the pipeline."
+        if data_cfg["source"] == "stdlib"
+        else "Evaluated only on the held-out split of its own corpus."
+    )
+    card = ModelCard.from_template(
+        card_data,
+        template_str="---\n{{ card_data }}\n---\n\n# {{ model_name }}\n\n{{ body }}\n",
+        model_name=card_cfg["model_name"],
+        body=f"""A Llama-style causal LM pretrained from scratch and fine-tuned ({finetune_cfg["method"]}) by
+lmforge to predict a Python function's name from its docstring.
+
+## Use
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+tokenizer = AutoTokenizer.from_pretrained("path/to/this/directory")
+model = AutoModelForCausalLM.from_pretrained("path/to/this/directory")
+prompt = tokenizer.apply_chat_template([{{"role": "user", "content": "Return the sum of two numbers."}}], add_generation_prompt=True, return_tensors="pt")
+print(tokenizer.decode(model.generate(prompt, max_new_tokens=8)[0]))
+```
+
+## Training data
+{data_cfg["name"]} ({data_cfg["license"]}); see `datasheet.md` beside this card.
+
+## Training
+```yaml
+{training}```
+
+## Evaluation
+{evaluation}
+
+{settings}
+
+## Limitations
+{limitations}
+
+## Provenance
+Configuration key `{cfg["run"]["run_key"]}`; lmforge {manifests["finetune"]["code"]["lmforge"]}, git commit
+`{manifests["finetune"]["code"]["git_commit"]}`. An int8 weight-only variant is in `{inputs["quantize"]}/model`.
+""",
+    )
+    link_tree(Path(inputs["finetune"]) / "model", out / "model")
+    card.save(out / "model" / "README.md")
+
+    curate_sheet = Path(inputs["curate"], "datasheet.md").read_text()
+    tokenizer_metrics = manifests["tokenizer"]["metrics"]
+    (out / "datasheet.md").write_text(
+        f"""{curate_sheet}
+## Tokenizer
+Byte-level BPE, vocabulary {tokenizer_metrics["vocab_size"]}, trained on the train split only;
+{tokenizer_metrics["validation_bytes_per_token"]:.3f} bytes per token on validation.
+
+## Training configuration
+```yaml
+{training}```
+
+## Evaluation
+{evaluation}
+
+{settings}
+
+## Limitations
+{limitations}
+"""
+    )
+    tracker.log_artifacts([out / "model" / "README.md", out / "datasheet.md"])
+    tracking.finish_parent(cfg)
+    return {"finetune_exact_match_greedy": ft["task_exact_match_chat_greedy"]}
+
+
+if __name__ == "__main__":
+    stage.run(main)

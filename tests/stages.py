@@ -1,0 +1,90 @@
+"""Run lmforge stages as a user's job would: `python -m lmforge.<stage> CONFIG OUT`, on small inputs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import yaml
+
+from lmforge import config
+
+# A small slice of the standard library: enough text to train a tokenizer and a tiny model in seconds.
+SMALL_CORPUS_FILES = [
+    "argparse.py",
+    "textwrap.py",
+    "string.py",
+    "shlex.py",
+    "fnmatch.py",
+    "glob.py",
+    "heapq.py",
+    "bisect.py",
+    "calendar.py",
+    "difflib.py",
+    "csv.py",
+    "queue.py",
+    "random.py",
+    "statistics.py",
+]
+
+TINY = [
+    "tokenizer.vocab_size=512",
+    "model.hidden_size=32",
+    "model.intermediate_size=64",
+    "model.num_layers=2",
+    "model.num_heads=2",
+    "model.num_kv_heads=2",
+    "model.max_seq_len=64",
+    "train.steps=6",
+    "train.micro_batch_size=4",
+    "train.warmup_steps=2",
+    "train.eval_every=3",
+    "train.eval_batches=2",
+    "train.checkpoint_every=3",
+    "finetune.train.steps=6",
+    "finetune.train.micro_batch_size=4",
+    "finetune.train.warmup_steps=2",
+    "finetune.train.eval_every=3",
+    "finetune.train.eval_batches=2",
+    "finetune.train.checkpoint_every=3",
+    "eval.max_task_examples=8",
+    "eval.max_test_documents=3",
+    "eval.max_new_tokens=6",
+    "eval.few_shot=1",
+]
+
+
+def small_corpus(directory: Path) -> Path:
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in SMALL_CORPUS_FILES:
+        (directory / name).write_text((stdlib / name).read_text())
+    return directory
+
+
+def plan(results: Path, overrides: list[str]) -> dict[str, config.Stage]:
+    return config.plan(config.load([f"run.results_dir={results}", *overrides]))
+
+
+def stage_command(stage: config.Stage, processes: int = 1) -> list[str]:
+    """Write the stage's resolved config beside its output directory and return the command a job runs."""
+    cfg_path = Path(stage.dir + ".yaml")
+    cfg_path.parent.mkdir(parents=True, exist_ok=True)
+    cfg_path.write_text(yaml.safe_dump(stage.config))
+    launcher = (
+        [sys.executable]
+        if processes == 1
+        else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
+    )
+    return [*launcher, "-m", f"lmforge.{stage.name}", str(cfg_path), stage.dir]
+
+
+def run_stage(stage: config.Stage, processes: int = 1) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(stage_command(stage, processes), capture_output=True, text=True, env=env)
+    if run.returncode != 0:
+        raise AssertionError(f"{stage.name} failed:\n{run.stderr[-4000:]}")
+    return run

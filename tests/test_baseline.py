@@ -1,0 +1,21 @@
+import numpy as np
+
+from lmforge.baseline import NGramModel
+
+
+def test_ngram_probabilities_sum_to_one_in_every_context():
+    rng = np.random.default_rng(0)
+    vocab = 12
+    tokens = rng.integers(0, vocab, 5000).astype(np.uint16)
+    tokens[::7] = 3  # some structure, so higher orders matter
+    model = NGramModel(tokens, order=3, discount=0.75, vocab_size=vocab)
+    for history in ([3, 5], [1, 2], [11, 11]):
+        docs = [np.array([*history, w]) for w in range(vocab)]
+        total = sum(np.exp(model.log_probs(d)[-1]) for d in docs)
+        assert abs(total - 1) < 1e-9
+
+
+def test_higher_order_fits_structured_text_better():
+    pattern = np.tile(np.array([1, 2, 3, 4, 1, 2, 5, 6], dtype=np.uint16), 500)
+    nll = {order: -NGramModel(pattern, order, 0.75, 8).log_probs(pattern[:64]).sum() for order in (1, 2, 3)}
+    assert nll[3] < nll[2] < nll[1]

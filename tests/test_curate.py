@@ -1,0 +1,85 @@
+import json
+from collections import Counter
+
+import datasets
+
+from lmforge import curate
+
+TASK = {"min_docstring_words": 5, "max_docstring_chars": 400}
+
+
+def test_broken_jsonl_rows_are_skipped_and_counted(tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    rows = [
+        json.dumps({"text": "a fine document " * 10}),
+        "{not json",
+        json.dumps({"text": 42}),
+        json.dumps({"other": "x"}),
+    ]
+    path.write_text("\n".join(rows) + "\n")
+    stats = Counter()
+    docs = list(curate.read_source({"source": str(path), "text_field": "text"}, stats))
+    assert len(docs) == 1
+    assert stats["rows_read"] == 4 and stats["broken_rows"] == 3
+
+
+def test_local_txt_and_parquet_sources(tmp_path):
+    (tmp_path / "a.txt").write_text("first text document")
+    datasets.Dataset.from_list([{"text": "row one"}, {"text": "row two"}]).to_parquet(tmp_path / "b.parquet")
+    stats = Counter()
+    docs = list(curate.read_source({"source": str(tmp_path), "text_field": "text"}, stats))
+    assert sorted(d["text"] for d in docs) == ["first text document", "row one", "row two"]
+
+
+def test_steps_normalize_filter_and_deduplicate():
+    stats = Counter()
+    docs = [
+        {"id": str(i), "text": t} for i, t in enumerate(["caf\u0065\u0301 " * 20, "café " * 20, "", "short", "x" * 500])
+    ]
+    kept = list(curate.deduplicate(curate.filter_length(curate.normalize(docs, "NFC"), 10, 400, stats), stats))
+    assert [d["id"] for d in kept] == ["0"]  # the NFD and NFC spellings are one document after normalization
+    assert stats == Counter(dropped_empty=1, dropped_too_short=1, dropped_too_long=1, dropped_duplicate=1)
+
+
+def test_split_depends_only_on_the_document_id():
+    docs = [{"id": f"doc{i}", "text": "t"} for i in range(2000)]
+    first = {d["id"]: d["split"] for d in curate.assign_split([dict(d) for d in docs], 0.05, 0.1)}
+    again = {d["id"]: d["split"] for d in curate.assign_split([dict(d) for d in reversed(docs[:500])], 0.05, 0.1)}
+    assert all(first[k] == v for k, v in again.items())
+    share = Counter(first.values())
+    assert 150 < share["test"] < 250 and 60 < share["validation"] < 140
+
+
+def test_task_pairs_are_unique_and_never_leak_from_test_into_train():
+    code = '''
+def add_numbers(a, b):
+    """Return the total of both arguments given here."""
+
+def _private(x):
+    """Hidden helpers are not public functions at all."""
+
+def parse(x):
+    """Turn the parse input into a structure."""
+
+def close(x):
+    """Release every resource this object holds now."""
+'''
+    other = '''
+def close(y):
+    """Shut the handle and free all of its memory."""
+
+def shout(s):
+    """Make the given text loud and clear please."""
+'''
+    stats = Counter()
+    docs = [
+        {"id": "a.py", "text": code, "split": "test"},
+        {"id": "b.py", "text": other + "\nadd_numbers = 1\n", "split": "train"},
+    ]
+    pairs = curate.build_task(docs, TASK, stats)
+    # parse's docstring names it; close occurs twice; _private is private.
+    assert sorted(p["name"] for p in pairs) == ["add_numbers", "shout"]
+    train_text = docs[1]["text"] + "\ndef add_numbers(a, b): pass\n"
+    kept = curate.drop_leaked(pairs, train_text, stats)
+    assert [p["name"] for p in kept] == ["shout"]
+    assert stats["task_dropped_leaked_test"] == 1

@@ -1,0 +1,120 @@
+"""The whole DAG, run by Snakemake as a user runs it, on a small slice of the embedded default corpus."""
+
+import json
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.stages import TINY
+
+REPO = Path(__file__).resolve().parents[1]
+OVERRIDES = ["data.max_documents=120", "finetune=lora", *TINY]
+
+
+def snakemake(workdir: Path, *args: str, overrides=()) -> subprocess.CompletedProcess:
+    override_text = " ".join([f"run.results_dir={workdir}/results", *OVERRIDES, *overrides])
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "--snakefile",
+            str(REPO / "Snakefile"),
+            "--directory",
+            str(workdir),
+            "--cores",
+            "2",
+            "--config",
+            f"overrides={override_text}",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+    )
+
+
+def planned_rules(output: str) -> set[str]:
+    """Rule names from the 'Job stats' table of a dry run."""
+    lines = output.split("Job stats:")[1].splitlines()[3:]
+    return {line.split()[0] for line in lines if line.strip() and line.split()[0] not in ("total",)}
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("pipeline")
+    run = snakemake(workdir)
+    assert run.returncode == 0, run.stderr[-5000:]
+    return workdir
+
+
+@pytest.mark.e2e
+def test_every_stage_writes_its_outputs_and_manifest(pipeline):
+    results = pipeline / "results"
+    for stage in ("curate", "tokenizer", "baseline", "pretrain", "finetune", "quantize", "evaluate", "card"):
+        [stage_dir] = [p for p in (results / stage).iterdir() if p.is_dir()]
+        manifest = json.loads((stage_dir / "manifest.json").read_text())
+        assert (
+            manifest["stage"] == stage and manifest["code"]["lmforge"] and manifest["environment"]["packages"]["torch"]
+        )
+        assert all(len(i["sha256"]) == 64 for i in manifest["inputs"].values())
+    [curated] = (results / "curate").iterdir()
+    assert (curated / "datasheet.md").exists() and (curated / "data" / "test.parquet").exists()
+    [card] = (results / "card").iterdir()
+    readme = (card / "model" / "README.md").read_text()
+    assert readme.startswith("---") and "model-index" in readme and "exact_match" in readme
+    assert "## Limitations" in (card / "datasheet.md").read_text()
+    [evaluation] = (results / "evaluate").iterdir()
+    report = json.loads((evaluation / "results.json").read_text())
+    assert set(report["models"]) == {"baseline", "pretrain", "finetune", "quantize"}
+    assert report["sampling"] == {"temperature": 0.8, "top_k": 50, "top_p": 0.95} and report["seed"] == 1234
+
+
+@pytest.mark.e2e
+def test_models_load_with_plain_transformers(pipeline):
+    dirs = [
+        str(d / "model")
+        for stage in ("pretrain", "finetune", "quantize", "card")
+        for d in (pipeline / "results" / stage).iterdir()
+    ]
+    code = (
+        "import sys\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        "for d in sys.argv[1:]:\n"
+        "    tok = AutoTokenizer.from_pretrained(d); model = AutoModelForCausalLM.from_pretrained(d)\n"
+        "    out = model.generate(**tok('def ', return_tensors='pt'), max_new_tokens=3, do_sample=False)\n"
+        "    assert out.shape[1] > 1\n"
+        "assert 'lmforge' not in sys.modules\nprint('loaded', len(sys.argv) - 1)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code, *dirs], capture_output=True, text=True, cwd="/")
+    assert run.returncode == 0 and "loaded 4" in run.stdout, run.stderr[-3000:]
+
+
+@pytest.mark.e2e
+def test_rerun_does_nothing_and_lr_change_reruns_only_training_and_after(pipeline):
+    again = snakemake(pipeline, "-n")
+    assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
+    changed = snakemake(pipeline, "-n", overrides=["train.lr=0.01"])
+    assert changed.returncode == 0, changed.stderr
+    assert planned_rules(changed.stdout) == {"pretrain", "finetune", "quantize", "evaluate", "card", "all"}
+
+
+@pytest.mark.e2e
+def test_mlflow_has_a_parent_run_and_one_child_per_stage(pipeline):
+    db = sqlite3.connect(pipeline / "results" / "mlflow.db")
+    runs = dict(db.execute("select run_uuid, name from runs where status = 'FINISHED'").fetchall())
+    parents = [r for r, name in runs.items() if name.startswith("run-")]
+    assert len(parents) == 1
+    children = dict(db.execute("select run_uuid, value from tags where key = 'mlflow.parentRunId'").fetchall())
+    stages = sorted(runs[r] for r, parent in children.items() if parent == parents[0])
+    assert stages == sorted(["curate", "tokenizer", "baseline", "pretrain", "finetune", "quantize", "evaluate", "card"])
+    pretrain = next(r for r in children if runs[r] == "pretrain")
+    params = dict(db.execute("select key, value from params where run_uuid = ?", (pretrain,)).fetchall())
+    assert params["train.lr"] == "0.003"
+    steps = db.execute(
+        "select count(distinct step) from metrics where run_uuid = ? and key = 'train_loss'", (pretrain,)
+    )
+    assert steps.fetchone()[0] >= 1
+    artifacts = list((pipeline / "results" / "mlartifacts").rglob("manifest.json"))
+    assert len(artifacts) == 8

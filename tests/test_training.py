@@ -1,0 +1,88 @@
+"""DeepSpeed training on CPU (gloo): every ZeRO stage and method, 1 and 2 processes, and exact resume."""
+
+import json
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.stages import TINY, plan, run_stage, small_corpus, stage_command
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """Curated data and a tokenizer for the tiny runs, made by the real stages."""
+    root = tmp_path_factory.mktemp("training")
+    corpus = small_corpus(root / "corpus")
+    base = [f"data.source={corpus}", *TINY]
+    stages = plan(root / "results", base)
+    run_stage(stages["curate"])
+    run_stage(stages["tokenizer"])
+    return root, base
+
+
+def weights(stage) -> dict:
+    return load_file(f"{stage.dir}/model/model.safetensors")
+
+
+def metrics(stage) -> dict:
+    return json.loads(Path(stage.dir, "manifest.json").read_text())["metrics"]
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_pretraining_agrees_across_zero_stages(prepared, processes):
+    root, base = prepared
+    losses = {}
+    for zero in (0, 1, 2, 3):
+        stages = plan(root / "results", [*base, f"train.zero_stage={zero}", f"train.processes={processes}"])
+        run_stage(stages["pretrain"], processes=processes)
+        losses[zero] = metrics(stages["pretrain"])["validation_loss"]
+        assert set(weights(stages["pretrain"])) >= {"model.embed_tokens.weight", "lm_head.weight"}
+    assert max(losses.values()) - min(losses.values()) < 1e-3, losses
+
+
+@pytest.mark.parametrize("method,processes", [("full", 1), ("lora", 1), ("full", 2), ("lora", 2)])
+def test_finetuning_methods_export_a_plain_model(prepared, method, processes):
+    root, base = prepared
+    stages = plan(
+        root / "results",
+        [*base, f"finetune={method}", f"finetune.train.processes={processes}", "finetune.train.zero_stage=2"],
+    )
+    if not Path(stages["pretrain"].dir).exists():
+        run_stage(stages["pretrain"])
+    run_stage(stages["finetune"], processes=processes)
+    tuned, pretrained = weights(stages["finetune"]), weights(stages["pretrain"])
+    assert not any("lora" in name for name in tuned)  # adapters merged away
+    assert tuned.keys() == pretrained.keys()
+    assert any(not torch.equal(tuned[k], pretrained[k]) for k in tuned)
+
+
+def test_interrupted_training_resumes_to_identical_weights(prepared):
+    root, base = prepared
+    stage = plan(root / "results", [*base, "train.steps=60", "train.checkpoint_every=5", "train.eval_every=30"])[
+        "pretrain"
+    ]
+    checkpoints = Path(stage.config["run"]["checkpoint_dir"])
+    run_stage(stage)
+    uninterrupted = weights(stage)
+    shutil.rmtree(stage.dir)
+    shutil.rmtree(checkpoints)
+
+    job = subprocess.Popen(stage_command(stage), stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (checkpoints / "latest").exists() and time.time() < deadline:
+        time.sleep(0.01)
+    job.send_signal(signal.SIGUSR1)  # what Slurm sends before the walltime
+    _, err = job.communicate(timeout=120)
+    assert job.returncode != 0 and "SIGUSR1 received" in err, err[-2000:]
+    assert not Path(stage.dir).exists()
+
+    run = run_stage(stage)  # the resubmitted job
+    assert "resumed from" in run.stderr
+    resumed = weights(stage)
+    assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted)
