@@ -31,6 +31,8 @@ SMALL_CORPUS_FILES = [
 ]
 
 TINY = [
+    "data.validation_fraction=0.2",
+    "data.test_fraction=0.2",
     "tokenizer.vocab_size=512",
     "model.hidden_size=32",
     "model.intermediate_size=64",

@@ -24,6 +24,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import datasets
+import pyarrow.parquet as pq
 
 from lmforge import stage
 
@@ -199,7 +200,28 @@ def drop_leaked(pairs: list[dict], train_text: str, stats: Counter) -> list[dict
     return kept
 
 
-# -- the stage -------------------------------------------------------------------------
+# -- the stage ------------------------------------------------------------
+
+DOC_FEATURES = datasets.Features(
+    {
+        "id": datasets.Value("string"),
+        "text": datasets.Value("string"),
+        "sha256": datasets.Value("string"),
+        "n_bytes": datasets.Value("int64"),
+        "source_sha256": datasets.Value("string"),
+    }
+)
+TASK_FEATURES = datasets.Features({k: datasets.Value("string") for k in ("docstring", "name", "source_id")})
+
+
+def load_split(curated: str, kind: str, split: str) -> datasets.Dataset:
+    """A split written by this stage: kind is "data" (documents) or "task" (pairs). Empty splits read fine."""
+    return datasets.Dataset(pq.read_table(f"{curated}/{kind}/{split}.parquet"))
+
+
+def columns(rows: list[dict], features: datasets.Features) -> datasets.Dataset:
+    """A dataset with a fixed schema, also when a split is empty."""
+    return datasets.Dataset.from_dict({k: [r[k] for r in rows] for k in features}, features=features)
 
 
 def datasheet(data_cfg: dict, stats: dict) -> str:
@@ -262,16 +284,13 @@ def main(cfg: dict, out: Path, tracker) -> dict:
     summary = {k: int(v) for k, v in stats.items()}
     summary["documents"] = len(docs)
     summary["splits"], summary["task"] = {}, {}
+    (out / "data").mkdir()
+    (out / "task").mkdir()
     for split in SPLITS:
-        split_docs = [
-            {k: d[k] for k in ("id", "text", "sha256", "n_bytes", "source_sha256")} for d in docs if d["split"] == split
-        ]
-        split_pairs = [{k: p[k] for k in ("docstring", "name", "source_id")} for p in pairs if p["split"] == split]
-        (out / "data").mkdir(exist_ok=True)
-        (out / "task").mkdir(exist_ok=True)
-        datasets.Dataset.from_list(split_docs).to_parquet(out / "data" / f"{split}.parquet")
-        features = datasets.Features({k: datasets.Value("string") for k in ("docstring", "name", "source_id")})
-        datasets.Dataset.from_list(split_pairs, features=features).to_parquet(out / "task" / f"{split}.parquet")
+        split_docs = [d for d in docs if d["split"] == split]
+        split_pairs = [p for p in pairs if p["split"] == split]
+        columns(split_docs, DOC_FEATURES).to_parquet(out / "data" / f"{split}.parquet")
+        columns(split_pairs, TASK_FEATURES).to_parquet(out / "task" / f"{split}.parquet")
         summary["splits"][split] = {"documents": len(split_docs), "bytes": sum(d["n_bytes"] for d in split_docs)}
         summary["task"][split] = len(split_pairs)
     summary["python_version"] = sys.version.split()[0] if data_cfg["source"] == "stdlib" else None

@@ -5,16 +5,16 @@ from __future__ import annotations
 import math
 import re
 
-import datasets
+from lmforge.curate import load_split
 
 
 def test_documents(curated: str, limit: int | None = None) -> list[str]:
-    texts = list(datasets.Dataset.from_parquet(f"{curated}/data/test.parquet")["text"])
+    texts = list(load_split(curated, "data", "test")["text"])
     return texts[:limit]
 
 
 def task_pairs(curated: str, split: str, limit: int | None = None) -> list[dict]:
-    return datasets.Dataset.from_parquet(f"{curated}/task/{split}.parquet").to_list()[:limit]
+    return load_split(curated, "task", split).to_list()[:limit]
 
 
 def document_token_ids(tokenizer, texts: list[str]) -> list[list[int]]:

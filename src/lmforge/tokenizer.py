@@ -10,19 +10,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import datasets
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from lmforge import stage
+from lmforge.curate import load_split
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 CHAT_TOKENS = ["<|im_start|>", "<|im_end|>"]
 
 
 def load_texts(curated: str, split: str) -> list[str]:
-    return list(datasets.Dataset.from_parquet(f"{curated}/data/{split}.parquet")["text"])
+    return list(load_split(curated, "data", split)["text"])
 
 
 def train_bpe(texts, vocab_size: int, min_frequency: int) -> Tokenizer:
