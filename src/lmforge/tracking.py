@@ -79,12 +79,16 @@ def experiment_and_parent(client, run_cfg: dict) -> tuple[str, str]:
         else:
             experiment_id = experiment.experiment_id
         found = client.search_runs(
-            [experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{run_cfg['run_key']}'", max_results=1
+            [experiment_id],
+            filter_string=f"tags.`{PARENT_TAG}` = '{run_cfg['run_key']}' and tags.`lmforge.role` = 'configuration'",
+            max_results=1,
         )
         if found:
             return experiment_id, found[0].info.run_id
         parent = client.create_run(
-            experiment_id, run_name=f"run-{run_cfg['run_key']}", tags={PARENT_TAG: run_cfg["run_key"]}
+            experiment_id,
+            run_name=f"run-{run_cfg['run_key']}",
+            tags={PARENT_TAG: run_cfg["run_key"], "lmforge.role": "configuration"},
         )
         return experiment_id, parent.info.run_id
 

@@ -71,6 +71,9 @@ def stage_resources(name):
         resources["gpu"] = res.gpus
     if res.partition:
         resources["slurm_partition"] = res.partition
+    if res.signal_before_end_s:
+        # To every job step (no "B:"), so the training process itself gets it; requeue after preemption.
+        resources["slurm_extra"] = f"'--signal=USR1@{res.signal_before_end_s} --requeue'"
     return resources
 
 

@@ -1,0 +1,317 @@
+"""The DAG through `--profile profiles/slurm` on the single-node test cluster (tests/slurm_cluster.py).
+
+Every rule must become one Slurm job with the resources of conf/resources/default.yaml and give the
+same results as a local run; a requeued training job must resume bitwise; a training job that gets
+Slurm's walltime warning must checkpoint, fail, and be retried by Snakemake with twice the time.
+Run with `pytest -s` to see the Slurm-versus-local timings and the number of status queries.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lmforge import config
+from tests.stages import TINY, small_corpus
+
+pytestmark = pytest.mark.slurm
+
+REPO = Path(__file__).resolve().parents[1]
+RULES = ("curate", "tokenizer", "baseline", "pretrain", "finetune", "quantize", "evaluate", "card")
+GPU_STAGES = ("pretrain", "finetune", "evaluate")
+GPU_RESOURCES = [f"resources.{s}.{k}={v}" for s in GPU_STAGES for k, v in (("partition", "gpu"), ("gpus", 1))]
+SUBMITTED = re.compile(r"submitted with SLURM jobid (\d+) \(log: (\S+)\)")
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    """One corpus; a working directory for the Slurm runs and one for the local runs, shared by the tests
+    so that curate and tokenizer (same keys in every test) run once per directory."""
+    root = tmp_path_factory.mktemp("slurm_pipeline")
+    return {"corpus": small_corpus(root / "corpus"), "slurm": root / "slurm", "local": root / "local", "root": root}
+
+
+@pytest.fixture(scope="module")
+def squeue_log(dirs):
+    """A `squeue` first on Snakemake's PATH that logs each call; jobs get the PATH without it (via `sbatch`)."""
+    bin_dir, log = dirs["root"] / "wrappers", dirs["root"] / "squeue_calls.log"
+    bin_dir.mkdir()
+    clean_path = os.environ["PATH"]
+    for name, body in {
+        "squeue": f'echo "$*" >> {log}\nexec {shutil.which("squeue")} "$@"\n',
+        "sbatch": f"PATH='{clean_path}' exec {shutil.which('sbatch')} \"$@\"\n",
+    }.items():
+        (bin_dir / name).write_text("#!/bin/sh\n" + body)
+        (bin_dir / name).chmod(0o755)
+    return bin_dir, log
+
+
+def overrides(dirs, where: str, *extra: str) -> list[str]:
+    return [*TINY, f"data.source={dirs['corpus']}", f"run.results_dir={dirs[where]}/results", *extra]
+
+
+def snakemake_cmd(workdir: Path, ovr: list[str], *targets: str, slurm: bool, args=()) -> list[str]:
+    executor = ["--profile", str(REPO / "profiles" / "slurm")] if slurm else ["--cores", "2"]
+    return [
+        sys.executable,
+        "-m",
+        "snakemake",
+        *targets,
+        *executor,
+        "--snakefile",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(workdir),
+        *args,
+        "--config",
+        "overrides=" + " ".join(ovr),
+    ]
+
+
+def run_snakemake(workdir, ovr, *targets, slurm, env=None, timeout=600, args=()):
+    workdir.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    run = subprocess.run(
+        snakemake_cmd(workdir, ovr, *targets, slurm=slurm, args=args),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
+    return run, time.monotonic() - started
+
+
+def start_snakemake(workdir, ovr, *targets, slurm, output: Path, args=()) -> subprocess.Popen:
+    workdir.mkdir(parents=True, exist_ok=True)
+    with output.open("w") as out:
+        return subprocess.Popen(
+            snakemake_cmd(workdir, ovr, *targets, slurm=slurm, args=args), stdout=out, stderr=subprocess.STDOUT
+        )
+
+
+def finish(proc: subprocess.Popen, output: Path, timeout: float) -> str:
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        proc.wait(30)
+        pytest.fail(f"snakemake did not finish in {timeout}s:\n{output.read_text()[-5000:]}")
+    return output.read_text()
+
+
+def run_id(output: str) -> str:
+    return re.search(r"SLURM run ID: (\S+)", output).group(1)
+
+
+def cancel_run(output: str) -> None:
+    """Leave no job of a failed test running on the shared session cluster."""
+    if match := re.search(r"SLURM run ID: (\S+)", output):
+        subprocess.run(["scancel", "--name", match.group(1)], capture_output=True)
+
+
+def slurm_jobs(name: str) -> list[dict[str, str]]:
+    """The jobs of one Snakemake run (job name = its SLURM run ID), from `scontrol show job -o`."""
+    out = subprocess.run(["scontrol", "show", "job", "-o"], capture_output=True, text=True, check=True).stdout
+    jobs = [dict(field.partition("=")[::2] for field in line.split()) for line in out.splitlines() if line.strip()]
+    return sorted((job for job in jobs if job.get("JobName") == name), key=lambda job: int(job["JobId"]))
+
+
+def slurm_job(job_id: str) -> dict[str, str]:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, check=True)
+    return dict(field.partition("=")[::2] for field in out.stdout.split())
+
+
+def minutes(limit: str) -> int:
+    """Slurm's [D-]HH:MM:SS as minutes."""
+    days, _, hms = limit.rpartition("-")
+    h, m, s = (int(x) for x in hms.split(":"))
+    return int(days or 0) * 1440 + h * 60 + m + (s > 0)
+
+
+def seconds(start: str, end: str) -> float:
+    fmt = "%Y-%m-%dT%H:%M:%S"
+    return time.mktime(time.strptime(end, fmt)) - time.mktime(time.strptime(start, fmt))
+
+
+def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen, output: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"snakemake exited ({proc.returncode}) before {what}:\n{output.read_text()[-5000:]}")
+        time.sleep(0.2)
+    proc.terminate()
+    pytest.fail(f"timed out after {timeout}s waiting for {what}:\n{output.read_text()[-5000:]}")
+
+
+def running_job(name: str, rule: str) -> str | None:
+    for job in slurm_jobs(name):
+        if job["Comment"].startswith(f"rule_{rule}_") and job["JobState"] == "RUNNING":
+            return job["JobId"]
+    return None
+
+
+def model_bytes(stage: config.Stage) -> bytes:
+    return (Path(stage.dir) / "model" / "model.safetensors").read_bytes()
+
+
+def test_dag_runs_as_slurm_jobs(slurm_cluster, dirs, squeue_log):
+    bin_dir, calls_log = squeue_log
+    slurm_ovr = overrides(dirs, "slurm", *GPU_RESOURCES)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    run, slurm_wall = run_snakemake(dirs["slurm"], slurm_ovr, slurm=True, env=env)
+    output = run.stdout + run.stderr
+    try:
+        assert run.returncode == 0, output[-6000:] + slurm_cluster.logs()
+    finally:
+        cancel_run(output)
+
+    cfg = config.load(slurm_ovr)
+    jobs = slurm_jobs(run_id(output))
+    by_rule = {}
+    for job in jobs:
+        rule = re.fullmatch(r"rule_(\w+?)_wildcards_([0-9a-f]{12})", job["Comment"]).group(1)
+        assert rule not in by_rule, f"two jobs for rule {rule}"
+        by_rule[rule] = job
+    assert sorted(by_rule) == sorted(RULES)
+    for rule, job in by_rule.items():
+        res = config.resources(cfg, rule)
+        assert job["JobState"] == "COMPLETED", (rule, job["JobState"])
+        assert job["Partition"] == (res.partition or slurm_cluster.cpu_partition), rule
+        gpu_fields = " ".join(job.get(k, "") for k in ("TresPerJob", "TresPerNode", "TRES", "Gres"))
+        assert ("gpu" in gpu_fields) == (rule in GPU_STAGES), (rule, gpu_fields)
+        if rule in GPU_STAGES:
+            assert re.search(r"gres/gpu[:=]1\b|gpu:1\b", gpu_fields), (rule, gpu_fields)
+        assert (job["CPUs/Task"], job["NumCPUs"]) == (str(res.cpus), str(res.cpus)), rule
+        assert job["MinMemoryNode"] == f"{res.mem_mb}M", rule
+        assert minutes(job["TimeLimit"]) == res.runtime, rule
+        assert job["NumNodes"] == str(res.nodes), rule
+        slurm_log = dirs["slurm"] / "results" / "logs" / "slurm" / f"rule_{rule}"
+        assert (slurm_log / job["Comment"].rsplit("_", 1)[1] / f"{job['JobId']}.log").exists(), rule
+
+    local_ovr = overrides(dirs, "local")
+    local, local_wall = run_snakemake(dirs["local"], local_ovr, slurm=False)
+    assert local.returncode == 0, local.stderr[-6000:]
+
+    slurm_stages, local_stages = config.plan(cfg), config.plan(config.load(local_ovr))
+    for name in RULES:
+        on_slurm, here = slurm_stages[name], local_stages[name]
+        assert on_slurm.key == here.key, name
+        slurm_manifest = json.loads((Path(on_slurm.dir) / "manifest.json").read_text())
+        local_manifest = json.loads((Path(here.dir) / "manifest.json").read_text())
+        assert slurm_manifest["metrics"] == local_manifest["metrics"], name
+    assert model_bytes(slurm_stages["pretrain"]) == model_bytes(local_stages["pretrain"])
+
+    squeue_calls = len(calls_log.read_text().splitlines())
+    runtimes = {rule: seconds(job["StartTime"], job["EndTime"]) for rule, job in by_rule.items()}
+    print(
+        f"\nSlurm run: {slurm_wall:.1f} s wall for {len(RULES)} jobs "
+        f"({sum(runtimes.values()):.0f} s inside jobs: "
+        + ", ".join(f"{rule} {s:.0f}" for rule, s in runtimes.items())
+        + f")\nlocal run: {local_wall:.1f} s wall"
+        f"\nSlurm overhead per rule: {(slurm_wall - local_wall) / len(RULES):.1f} s"
+        f"\nstatus queries: {squeue_calls} squeue calls ({squeue_calls / len(RULES):.1f} per rule)"
+    )
+
+
+def test_requeued_training_resumes_bitwise(slurm_cluster, dirs, tmp_path):
+    steps = ["train.steps=200", "train.checkpoint_every=20"]
+    slurm_ovr = overrides(dirs, "slurm", *steps)
+    pretrain = config.plan(config.load(slurm_ovr))["pretrain"]
+    checkpoint = Path(pretrain.config["run"]["checkpoint_dir"])
+    shutil.rmtree(checkpoint, ignore_errors=True)
+
+    output = tmp_path / "snakemake.out"
+    proc = start_snakemake(dirs["slurm"], slurm_ovr, pretrain.dir, slurm=True, output=output)
+    try:
+        wait_for(lambda: "SLURM run ID" in output.read_text(), 60, "the SLURM run ID", proc, output)
+        name = run_id(output.read_text())
+        wait_for(lambda: (checkpoint / "latest").exists(), 180, "the first checkpoint", proc, output)
+        job_id = running_job(name, "pretrain")
+        assert job_id, slurm_jobs(name)
+        requeue = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
+        assert requeue.returncode == 0, requeue.stderr
+        text = finish(proc, output, timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+        cancel_run(output.read_text())
+    assert proc.returncode == 0, text[-6000:] + slurm_cluster.logs()
+
+    job = slurm_job(job_id)
+    assert (job["JobState"], job["Restarts"]) == ("COMPLETED", "1"), job
+    stage_log = (dirs["slurm"] / "results" / "logs" / "pretrain" / f"{pretrain.key}.log").read_text()
+    assert f"resumed from {checkpoint} at step" in stage_log, stage_log[-3000:]
+
+    local_ovr = overrides(dirs, "local", *steps)
+    local_pretrain = config.plan(config.load(local_ovr))["pretrain"]
+    assert local_pretrain.key == pretrain.key
+    shutil.rmtree(local_pretrain.config["run"]["checkpoint_dir"], ignore_errors=True)
+    local, _ = run_snakemake(dirs["local"], local_ovr, local_pretrain.dir, slurm=False)
+    assert local.returncode == 0, local.stderr[-6000:]
+    local_log = (dirs["local"] / "results" / "logs" / "pretrain" / f"{pretrain.key}.log").read_text()
+    assert "resumed from" not in local_log
+    assert model_bytes(pretrain) == model_bytes(local_pretrain)
+
+
+def test_failed_job_is_reported_and_retried_with_more_time(slurm_cluster, dirs, tmp_path):
+    # runtime=1: the retry gets 2 min, within the test partitions' MaxTime. Slurm's own warning
+    # (--signal=USR1@10) would come ~50 s in; `scancel -s USR1` (no --batch/--full) sends the same
+    # signal the same way (to the job's steps, not the batch shell) as soon as a checkpoint exists.
+    ovr = overrides(
+        dirs,
+        "slurm",
+        "train.steps=160",
+        "train.checkpoint_every=20",
+        "resources.pretrain.runtime=1",
+        "resources.pretrain.signal_before_end_s=10",
+    )
+    pretrain = config.plan(config.load(ovr))["pretrain"]
+    checkpoint = Path(pretrain.config["run"]["checkpoint_dir"])
+    shutil.rmtree(checkpoint, ignore_errors=True)
+
+    output = tmp_path / "snakemake.out"
+    proc = start_snakemake(dirs["slurm"], ovr, pretrain.dir, slurm=True, output=output, args=["--retries", "1"])
+    try:
+        wait_for(lambda: "SLURM run ID" in output.read_text(), 60, "the SLURM run ID", proc, output)
+        name = run_id(output.read_text())
+        wait_for(lambda: (checkpoint / "latest").exists(), 180, "the first checkpoint", proc, output)
+        first = running_job(name, "pretrain")
+        assert first, slurm_jobs(name)
+        signal = subprocess.run(["scancel", "--signal=USR1", first], capture_output=True, text=True)
+        assert signal.returncode == 0, signal.stderr
+        text = finish(proc, output, timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+        cancel_run(output.read_text())
+    assert proc.returncode == 0, text[-6000:] + slurm_cluster.logs()
+
+    pretrain_jobs = [job for job in slurm_jobs(name) if job["Comment"] == f"rule_pretrain_wildcards_{pretrain.key}"]
+    assert [job["JobId"] for job in pretrain_jobs][0] == first
+    assert [job["JobState"] for job in pretrain_jobs] == ["FAILED", "COMPLETED"]
+    assert [minutes(job["TimeLimit"]) for job in pretrain_jobs] == [1, 2]
+    retry = pretrain_jobs[1]["JobId"]
+
+    first_log = dirs["slurm"] / "results" / "logs" / "slurm" / "rule_pretrain" / pretrain.key / f"{first}.log"
+    error = text[text.index("Error in rule pretrain:") :]
+    assert f"SLURM-job '{first}' failed" in error and str(first_log) in error, error[:3000]
+    assert f"external_jobid: {first}" in error
+    assert "Trying to restart job" in text
+    assert [m.group(1) for m in SUBMITTED.finditer(text)][-2:] == [first, retry]
+    assert first_log.exists()
+
+    stage_log = (dirs["slurm"] / "results" / "logs" / "pretrain" / f"{pretrain.key}.log").read_text()
+    resumed = re.search(rf"resumed from {re.escape(str(checkpoint))} at step (\d+)", stage_log)
+    assert resumed and 0 < int(resumed.group(1)) < 160, stage_log[-3000:]
+    manifest = json.loads((Path(pretrain.dir) / "manifest.json").read_text())
+    assert manifest["metrics"]["steps"] == 160
