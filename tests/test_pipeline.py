@@ -97,7 +97,14 @@ def test_rerun_does_nothing_and_lr_change_reruns_only_training_and_after(pipelin
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
     changed = snakemake(pipeline, "-n", overrides=["train.lr=0.01"])
     assert changed.returncode == 0, changed.stderr
-    assert planned_rules(changed.stdout + changed.stderr) == {"pretrain", "finetune", "quantize", "evaluate", "card", "all"}
+    assert planned_rules(changed.stdout + changed.stderr) == {
+        "pretrain",
+        "finetune",
+        "quantize",
+        "evaluate",
+        "card",
+        "all",
+    }
 
 
 @pytest.mark.e2e

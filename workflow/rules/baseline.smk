@@ -7,6 +7,8 @@ rule baseline:
         config=stage_config("baseline"),
     log:
         stage_log("baseline"),
+    conda:
+        "../../env/environment.yml"
     threads: stage_threads("baseline")
     resources:
         **stage_resources("baseline"),

@@ -7,6 +7,8 @@ rule card:
         config=stage_config("card"),
     log:
         stage_log("card"),
+    conda:
+        "../../env/environment.yml"
     threads: stage_threads("card")
     resources:
         **stage_resources("card"),

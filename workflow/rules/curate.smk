@@ -5,6 +5,8 @@ rule curate:
         config=stage_config("curate"),
     log:
         stage_log("curate"),
+    conda:
+        "../../env/environment.yml"
     threads: stage_threads("curate")
     resources:
         **stage_resources("curate"),

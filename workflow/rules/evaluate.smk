@@ -7,6 +7,8 @@ rule evaluate:
         config=stage_config("evaluate"),
     log:
         stage_log("evaluate"),
+    conda:
+        "../../env/environment.yml"
     threads: stage_threads("evaluate")
     resources:
         **stage_resources("evaluate"),

@@ -7,6 +7,8 @@ rule finetune:
         config=stage_config("finetune"),
     log:
         stage_log("finetune"),
+    conda:
+        "../../env/environment.yml"
     threads: stage_threads("finetune")
     resources:
         **stage_resources("finetune"),

@@ -7,6 +7,8 @@ rule pretrain:
         config=stage_config("pretrain"),
     log:
         stage_log("pretrain"),
+    conda:
+        "../../env/environment.yml"
     threads: stage_threads("pretrain")
     resources:
         **stage_resources("pretrain"),

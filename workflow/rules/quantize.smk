@@ -7,6 +7,8 @@ rule quantize:
         config=stage_config("quantize"),
     log:
         stage_log("quantize"),
+    conda:
+        "../../env/environment.yml"
     threads: stage_threads("quantize")
     resources:
         **stage_resources("quantize"),

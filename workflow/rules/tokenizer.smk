@@ -7,6 +7,8 @@ rule tokenizer:
         config=stage_config("tokenizer"),
     log:
         stage_log("tokenizer"),
+    conda:
+        "../../env/environment.yml"
     threads: stage_threads("tokenizer")
     resources:
         **stage_resources("tokenizer"),
