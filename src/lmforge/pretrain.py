@@ -68,7 +68,7 @@ def main(cfg: dict, out: Path, tracker) -> dict:
     mb = tcfg["micro_batch_size"]
     validation = [
         block_batch(val_blocks, list(range(i, i + mb)))
-        for i in range(0, min(len(val_blocks) - mb, tcfg["eval_batches"] * mb), mb)
+        for i in range(0, min(len(val_blocks) - mb + 1, tcfg["eval_batches"] * mb), mb)
     ]
 
     model = build_model(model_cfg, tokenizer)
