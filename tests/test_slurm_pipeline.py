@@ -232,7 +232,8 @@ def test_dag_runs_as_slurm_jobs(slurm_cluster, dirs, squeue_log):
 
 
 def test_requeued_training_resumes_bitwise(slurm_cluster, dirs, tmp_path):
-    steps = ["train.steps=200", "train.checkpoint_every=20"]
+    # ~100 tiny steps: a few seconds of training after the first checkpoint (step 10) to requeue in.
+    steps = ["train.steps=100", "train.checkpoint_every=10", "train.eval_every=50"]
     slurm_ovr = overrides(dirs, "slurm", *steps)
     pretrain = config.plan(config.load(slurm_ovr))["pretrain"]
     checkpoint = Path(pretrain.config["run"]["checkpoint_dir"])
@@ -279,19 +280,22 @@ def test_requeued_training_resumes_bitwise(slurm_cluster, dirs, tmp_path):
 
 def test_failed_job_is_reported_and_retried_with_more_time(slurm_cluster, dirs, tmp_path):
     # runtime=1: the retry gets 2 min, within the test partitions' MaxTime. Slurm's own warning
-    # (--signal=USR1@10) would come ~50 s in; `scancel -s USR1` (no --batch/--full) sends the same
-    # signal the same way (to the job's steps, not the batch shell) as soon as a checkpoint exists.
+    # (--signal=SIG@10) would come 50-80 s in (slurmctld checks time limits every 30 s); instead, as soon
+    # as a checkpoint exists, `scancel --signal=SIG` sends the signal the rule asked for the way Slurm
+    # delivers it: to every process of the job's steps, not to the batch shell (that would be --batch/--full).
     ovr = overrides(
         dirs,
         "slurm",
-        "train.steps=160",
-        "train.checkpoint_every=20",
+        "train.steps=80",
+        "train.checkpoint_every=10",
+        "train.eval_every=40",
         "resources.pretrain.runtime=1",
         "resources.pretrain.signal_before_end_s=10",
     )
     pretrain = config.plan(config.load(ovr))["pretrain"]
     checkpoint = Path(pretrain.config["run"]["checkpoint_dir"])
     shutil.rmtree(checkpoint, ignore_errors=True)
+    stage_log = dirs["slurm"] / "results" / "logs" / "pretrain" / f"{pretrain.key}.log"
 
     output = tmp_path / "snakemake.out"
     proc = start_snakemake(dirs["slurm"], ovr, pretrain.dir, slurm=True, output=output, args=["--retries", "1"])
@@ -301,10 +305,16 @@ def test_failed_job_is_reported_and_retried_with_more_time(slurm_cluster, dirs, 
         wait_for(lambda: rule_job(name, "pretrain"), 180, "the pretrain job to run", proc, output)
         first = rule_job(name, "pretrain")
         wait_for(lambda: (checkpoint / "latest").exists(), 180, "the first checkpoint", proc, output)
-        signal = subprocess.run(["scancel", "--signal=USR1", first], capture_output=True, text=True)
+        warning = re.search(r"slurm_extra='?--signal=(B:)?(\w+)@(\d+)", output.read_text())
+        assert warning and warning.group(3) == "10", "the training rule asks Slurm for no walltime signal"
+        batch, signal_name = ["--batch"] if warning.group(1) else [], warning.group(2)
+        signal = subprocess.run(["scancel", *batch, f"--signal={signal_name}", first], capture_output=True, text=True)
         # On a very slow machine Slurm's own warning may have come first: the same path.
         assert signal.returncode == 0 or slurm_job(first)["JobState"] == "FAILED", signal.stderr
         signalled_at = time.time()
+        # Read the first attempt's stage log before the retry (submitted after the next status check) rewrites it.
+        wait_for(lambda: slurm_job(first)["JobState"] == "FAILED", 120, "the signalled job to fail", proc, output)
+        first_attempt = stage_log.read_text()
         text = finish(proc, output, timeout=300)
     finally:
         if proc.poll() is None:
@@ -316,10 +326,10 @@ def test_failed_job_is_reported_and_retried_with_more_time(slurm_cluster, dirs, 
     assert [job["JobId"] for job in pretrain_jobs][0] == first
     assert [job["JobState"] for job in pretrain_jobs] == ["FAILED", "COMPLETED"]
     assert [minutes(job["TimeLimit"]) for job in pretrain_jobs] == [1, 2]
-    retry = pretrain_jobs[1]["JobId"]
     failed, again = pretrain_jobs
+    retry = again["JobId"]
     print(
-        f"\nretry: job {first} failed {epoch(failed['EndTime']) - signalled_at:.0f} s after SIGUSR1; "
+        f"\nretry: job {first} failed {epoch(failed['EndTime']) - signalled_at:.0f} s after SIG{signal_name}; "
         f"retry {retry} submitted {epoch(again['SubmitTime']) - epoch(failed['EndTime']):.0f} s after that "
         f"(status polling), ran {epoch(again['EndTime']) - epoch(again['StartTime']):.0f} s"
     )
@@ -332,8 +342,12 @@ def test_failed_job_is_reported_and_retried_with_more_time(slurm_cluster, dirs, 
     assert [m.group(1) for m in SUBMITTED.finditer(text)][-2:] == [first, retry]
     assert first_log.exists()
 
-    stage_log = (dirs["slurm"] / "results" / "logs" / "pretrain" / f"{pretrain.key}.log").read_text()
-    resumed = re.search(rf"resumed from {re.escape(str(checkpoint))} at step (\d+)", stage_log)
-    assert resumed and 0 < int(resumed.group(1)) < 160, stage_log[-3000:]
+    saved = re.search(
+        rf"SIG{signal_name} received: checkpoint saved at step (\d+) in {re.escape(str(checkpoint))}", first_attempt
+    )
+    assert saved, first_attempt[-3000:]
+    resumed = re.search(rf"resumed from {re.escape(str(checkpoint))} at step (\d+)", stage_log.read_text())
+    assert resumed and resumed.group(1) == saved.group(1), stage_log.read_text()[-3000:]
+    assert 0 < int(saved.group(1)) < 80
     manifest = json.loads((Path(pretrain.dir) / "manifest.json").read_text())
-    assert manifest["metrics"]["steps"] == 160
+    assert manifest["metrics"]["steps"] == 80

@@ -149,7 +149,7 @@ class StageResources:
     gpus: int = 0
     nodes: int = 1
     partition: str | None = None
-    # Training stages: Slurm sends SIGUSR1 this many seconds before the walltime; the loop checkpoints and exits.
+    # Training stages: Slurm sends SIGURG this many seconds before the walltime; the loop checkpoints and exits.
     signal_before_end_s: int | None = None
 
 

@@ -4,7 +4,7 @@ One code path for 1 CPU process (gloo) and N GPUs on M nodes: the distributed
 environment comes from torchrun, or from Slurm (via submitit), or is a single
 local process. Checkpoints live outside the stage's output directory, so a
 killed or requeued job resumes from the last one: model, optimizer, LR schedule,
-data position and RNG state. SIGUSR1 (Slurm's warning before the walltime) and
+data position and RNG state. SIGURG (Slurm's warning before the walltime), SIGUSR1 and
 SIGTERM (preemption) save a checkpoint and stop.
 """
 
@@ -83,11 +83,11 @@ def sample_indices(step: int, micro: int, rank: int, tcfg: dict, world: int, n_e
 
 
 class StopRequested:
-    """Remembers SIGUSR1/SIGTERM so the loop can checkpoint at the next step boundary."""
+    """Remembers SIGURG/SIGUSR1/SIGTERM so the loop can checkpoint at the next step boundary."""
 
     def __init__(self):
         self.signal = None
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
+        for sig in (signal.SIGURG, signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):

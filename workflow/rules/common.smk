@@ -72,8 +72,10 @@ def stage_resources(name):
     if res.partition:
         resources["slurm_partition"] = res.partition
     if res.signal_before_end_s:
-        # To every job step (no "B:"), so the training process itself gets it; requeue after preemption.
-        resources["slurm_extra"] = f"'--signal=USR1@{res.signal_before_end_s} --requeue'"
+        # To every process of the job's steps (no "B:"), so the training process itself gets it; requeue after
+        # preemption. No quotes: the plugin pastes slurm_extra into a shell command line. URG, not USR1: the
+        # Snakemake (and torchrun) processes around the trainer get it too; USR1 kills them, URG they ignore.
+        resources["slurm_extra"] = f"--signal=URG@{res.signal_before_end_s} --requeue"
     return resources
 
 
