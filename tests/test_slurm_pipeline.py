@@ -351,3 +351,22 @@ def test_failed_job_is_reported_and_retried_with_more_time(slurm_cluster, dirs, 
     assert 0 < int(saved.group(1)) < 80
     manifest = json.loads((Path(pretrain.dir) / "manifest.json").read_text())
     assert manifest["metrics"]["steps"] == 80
+
+
+def test_two_process_training_runs_as_two_slurm_tasks(slurm_cluster, dirs):
+    """train.processes=2: one Slurm job with 2 tasks started by srun, equal to 2 local torchrun processes."""
+    extra = ("train.processes=2", "train.steps=8")
+    slurm_ovr, local_ovr = overrides(dirs, "slurm", *extra), overrides(dirs, "local", *extra)
+    slurm_stage = config.plan(config.load(slurm_ovr))["pretrain"]
+    run, _ = run_snakemake(dirs["slurm"], slurm_ovr, slurm_stage.dir, slurm=True)
+    output = run.stdout + run.stderr
+    try:
+        assert run.returncode == 0, output[-6000:]
+    finally:
+        cancel_run(output)
+    [job] = [j for j in slurm_jobs(run_id(output)) if j["Comment"].startswith("rule_pretrain_")]
+    assert job["NumTasks"] == "2", job
+    local_stage = config.plan(config.load(local_ovr))["pretrain"]
+    local, _ = run_snakemake(dirs["local"], local_ovr, local_stage.dir, slurm=False)
+    assert local.returncode == 0, (local.stdout + local.stderr)[-4000:]
+    assert model_bytes(slurm_stage) == model_bytes(local_stage)

@@ -58,7 +58,7 @@ def stage_log(name):
     return f"{RESULTS}/logs/{name}/{{key}}.log"
 
 
-def stage_resources(name):
+def stage_resources(name, processes=1):
     """Slurm resources of a stage from the config's `resources` section; runtime grows with each retry."""
     res = lmconfig.resources(CFG, name)
     resources = {
@@ -71,6 +71,9 @@ def stage_resources(name):
         resources["gpu"] = res.gpus
     if res.partition:
         resources["slurm_partition"] = res.partition
+    if processes > 1:
+        # N Slurm tasks, and the plugin's MPI path: the command runs once and lmforge.launch starts the tasks.
+        resources.update(tasks=processes, mpi="srun")
     if res.signal_before_end_s:
         # To every process of the job's steps (no "B:"), so the training process itself gets it; requeue after
         # preemption. No quotes: the plugin pastes slurm_extra into a shell command line. URG, not USR1: the
@@ -87,6 +90,6 @@ def stage_command(name, processes=1):
     """The one command every rule runs; torch threads capped at the rule's CPUs per process."""
     # The interpreter running Snakemake: the job uses the same environment without activating it.
     python = shlex.quote(sys.executable)
-    launcher = python if processes == 1 else f"{python} -m torch.distributed.run --standalone --nproc-per-node={processes}"
+    entry = f"lmforge.{name}" if processes == 1 else f"lmforge.launch {processes} lmforge.{name}"
     threads = "$(( {threads} / %d > 0 ? {threads} / %d : 1 ))" % (processes, processes)
-    return f"OMP_NUM_THREADS={threads} {launcher} -m lmforge.{name} {{params.config}} {{output}} > {{log}} 2>&1"
+    return f"OMP_NUM_THREADS={threads} {python} -m {entry} {{params.config}} {{output}} > {{log}} 2>&1"

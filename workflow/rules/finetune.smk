@@ -11,7 +11,7 @@ rule finetune:
         "../../env/environment.yml"
     threads: stage_threads("finetune")
     resources:
-        **stage_resources("finetune"),
+        **stage_resources("finetune", CFG.finetune.train.processes),
     wildcard_constraints:
         key=KEY,
     shell:

@@ -11,7 +11,7 @@ rule pretrain:
         "../../env/environment.yml"
     threads: stage_threads("pretrain")
     resources:
-        **stage_resources("pretrain"),
+        **stage_resources("pretrain", CFG.train.processes),
     wildcard_constraints:
         key=KEY,
     shell:

@@ -1,0 +1,33 @@
+"""Start N processes of a training stage: `python -m lmforge.launch N lmforge.pretrain CONFIG OUT`.
+
+Inside a Slurm job, `srun -n N` starts one task per GPU and each task reads its rank from Slurm (through
+submitit, in train_loop.setup_distributed); on a workstation or in CI, torch.distributed.run starts them.
+The Snakemake rule asks Slurm for N tasks, so this command itself runs once.
+"""
+
+import os
+import shutil
+import sys
+
+
+def main() -> None:
+    processes, module, *args = sys.argv[1:]
+    if os.environ.get("SLURM_JOB_ID") and shutil.which("srun"):
+        command = ["srun", f"--ntasks={processes}", sys.executable, "-m", module, *args]
+        os.environ["SUBMITIT_EXECUTOR"] = "slurm"  # lets submitit.JobEnvironment read the tasks' Slurm variables
+    else:
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={processes}",
+            "-m",
+            module,
+            *args,
+        ]
+    os.execvp(command[0], command)
+
+
+if __name__ == "__main__":
+    main()
