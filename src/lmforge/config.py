@@ -161,6 +161,7 @@ class RunConfig:
     experiment: str = "lmforge"
     mlflow_uri: str | None = None  # default: sqlite in results_dir; MLFLOW_TRACKING_URI overrides
     wandb: bool = False
+    sweep: str | None = None  # the id of the sweep this configuration belongs to; set by the sweep expansion
 
 
 @dataclass
