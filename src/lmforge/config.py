@@ -87,11 +87,16 @@ class TrainConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     zero_stage: int = 0
-    precision: str = "fp32"  # fp32 | bf16
+    precision: str = "fp32"  # fp32 | bf16 (DeepSpeed: bf16 weights, fp32 master copy) | bf16-mixed (torch.autocast)
     eval_every: int = 100
     eval_batches: int = 8
     checkpoint_every: int = 100
     processes: int = 1
+    offload: str = "none"  # none | optimizer (ZeRO 1-3) | optimizer+parameters (ZeRO 3): to CPU memory
+    activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile the model; minutes of compilation at the start
+    attention: str = "sdpa"  # sdpa | eager | flash_attention_2 (needs the flash-attn package)
+    peak_tflops: float | None = None  # a device's bf16 peak, for MFU; None: looked up from the GPU's name
 
 
 @dataclass
@@ -234,17 +239,27 @@ def load(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
 def _check_choices(cfg: DictConfig) -> None:
     choices = {
         "model.architecture": ("llama", "gpt2"),
-        "train.precision": ("fp32", "bf16"),
-        "finetune.train.precision": ("fp32", "bf16"),
         "finetune.method": ("full", "lora"),
         "quantize.method": ("int8_weight_only", "none"),
-        "train.zero_stage": (0, 1, 2, 3),
-        "finetune.train.zero_stage": (0, 1, 2, 3),
     }
+    for train in ("train", "finetune.train"):
+        choices[f"{train}.precision"] = ("fp32", "bf16", "bf16-mixed")
+        choices[f"{train}.zero_stage"] = (0, 1, 2, 3)
+        choices[f"{train}.offload"] = ("none", "optimizer", "optimizer+parameters")
+        choices[f"{train}.attention"] = ("sdpa", "eager", "flash_attention_2")
     for key, valid in choices.items():
         value = OmegaConf.select(cfg, key)
         if value not in valid:
             raise ConfigError(f"Invalid value {value!r} for '{key}'. Valid choices: {', '.join(map(str, valid))}.")
+    for train in ("train", "finetune.train"):
+        tcfg = OmegaConf.select(cfg, train)
+        needs = {"optimizer": 1, "optimizer+parameters": 3}.get(tcfg.offload, 0)
+        if tcfg.zero_stage < needs:
+            raise ConfigError(f"'{train}.offload={tcfg.offload}' needs '{train}.zero_stage' >= {needs}.")
+        if tcfg.compile and tcfg.zero_stage == 3:
+            raise ConfigError(
+                f"'{train}.compile=true' is not supported with ZeRO-3 (its parameter gathering breaks the graph)."
+            )
 
 
 # Which config sections each stage reads, and which stages' outputs it reads.

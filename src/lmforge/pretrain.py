@@ -19,13 +19,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaC
 from lmforge import stage, train_loop
 
 
-def build_model(model_cfg: dict, tokenizer) -> torch.nn.Module:
-    special = dict(
+def special_token_ids(tokenizer) -> dict:
+    return dict(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
     )
+
+
+def build_model(model_cfg: dict, vocab_size: int, special: dict) -> torch.nn.Module:
     if model_cfg["architecture"] == "llama":
         config = LlamaConfig(
-            vocab_size=len(tokenizer),
+            vocab_size=vocab_size,
             hidden_size=model_cfg["hidden_size"],
             intermediate_size=model_cfg["intermediate_size"],
             num_hidden_layers=model_cfg["num_layers"],
@@ -37,7 +40,7 @@ def build_model(model_cfg: dict, tokenizer) -> torch.nn.Module:
         )
     else:
         config = GPT2Config(
-            vocab_size=len(tokenizer),
+            vocab_size=vocab_size,
             n_embd=model_cfg["hidden_size"],
             n_inner=model_cfg["intermediate_size"],
             n_layer=model_cfg["num_layers"],
@@ -71,7 +74,7 @@ def main(cfg: dict, out: Path, tracker) -> dict:
         for i in range(0, min(len(val_blocks) - mb + 1, tcfg["eval_batches"] * mb), mb)
     ]
 
-    model = build_model(model_cfg, tokenizer)
+    model = build_model(model_cfg, len(tokenizer), special_token_ids(tokenizer))
     state, metrics = train_loop.train(
         model,
         lambda idx: block_batch(train_blocks, idx),
@@ -84,7 +87,7 @@ def main(cfg: dict, out: Path, tracker) -> dict:
     )
     if not stage.is_rank_zero():
         return metrics
-    final = build_model(model_cfg, tokenizer)
+    final = build_model(model_cfg, len(tokenizer), special_token_ids(tokenizer))
     final.load_state_dict(state)
     final.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")

@@ -10,6 +10,8 @@ SIGTERM (preemption) save a checkpoint and stop.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import os
 import random
@@ -42,22 +44,77 @@ def setup_distributed() -> tuple[int, int]:
         os.environ.update(
             RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank), MASTER_ADDR=master, MASTER_PORT=str(port)
         )
-    if not torch.cuda.is_available():
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # one GPU per process, before NCCL starts
+    else:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 
 
 def deepspeed_config(tcfg: dict, world: int) -> dict:
+    zero = {"stage": tcfg["zero_stage"]}
+    if tcfg["offload"] in ("optimizer", "optimizer+parameters"):
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if tcfg["offload"] == "optimizer+parameters":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     return {
         "train_micro_batch_size_per_gpu": tcfg["micro_batch_size"],
         "gradient_accumulation_steps": tcfg["grad_accum"],
         "train_batch_size": tcfg["micro_batch_size"] * tcfg["grad_accum"] * world,
         "gradient_clipping": tcfg["grad_clip"],
-        "zero_optimization": {"stage": tcfg["zero_stage"]},
+        "zero_optimization": zero,
+        # "bf16": bf16 weights and gradients, fp32 master weights in the optimizer (DeepSpeed's).
+        # "bf16-mixed" keeps fp32 weights and runs the forward under torch.autocast (see train()).
         "bf16": {"enabled": tcfg["precision"] == "bf16"},
+        # Offload steps torch's AdamW on the CPU copy; DeepSpeedCPUAdam would be faster but needs its C++ op built.
+        "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+
+
+def prepare_model(model: torch.nn.Module, tcfg: dict) -> torch.nn.Module:
+    """Options that change how the model computes, not what: attention kernel, recomputation, compilation."""
+    model.set_attn_implementation(tcfg["attention"])
+    if tcfg["activation_checkpointing"]:  # recompute each layer's activations in the backward pass
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if tcfg["compile"]:  # in place, so state_dict keys stay those of the plain model
+        model.compile()
+    return model
+
+
+# Dense (no sparsity) bf16 tensor-core peaks from the vendors' datasheets, TFLOP/s per GPU; first match wins.
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0}
+
+
+def peak_tflops(tcfg: dict, device: torch.device) -> float | None:
+    if tcfg["peak_tflops"] is not None:
+        return tcfg["peak_tflops"]
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
+
+
+def matmul_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, frozen) parameters outside the input embedding, which is a lookup, not a matrix product."""
+    embedding = model.get_input_embeddings().weight
+    counts = [0, 0]
+    for p in model.parameters():
+        if p is not embedding:
+            counts[not p.requires_grad] += p.numel()
+    return counts[0], counts[1]
+
+
+def flops_per_token(trainable: int, frozen: int, model_config, seq_len: int) -> float:
+    """Model FLOPs to train on one token (PaLM, appendix B); recomputation is not counted.
+
+    Per weight of a matrix product: 2 forward, 2 for the input gradient and 2 for the weight gradient, which frozen
+    weights (LoRA's base model) skip. Attention scores and values add 12 * layers * hidden * seq_len (forward and
+    backward; the causal mask is not discounted).
+    """
+    attention = 12 * model_config.num_hidden_layers * model_config.hidden_size * seq_len
+    return 6 * trainable + 4 * frozen + attention
 
 
 def cosine_with_warmup(tcfg: dict) -> Callable[[int], float]:
@@ -70,6 +127,11 @@ def cosine_with_warmup(tcfg: dict) -> Callable[[int], float]:
     return factor
 
 
+@functools.lru_cache(maxsize=2)
+def epoch_order(seed: int, epoch: int, n_examples: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n_examples)
+
+
 def sample_indices(step: int, micro: int, rank: int, tcfg: dict, world: int, n_examples: int, seed: int) -> list[int]:
     """Which examples a micro-batch holds: a function of the step alone, so resuming restores the data position."""
     per_step = tcfg["micro_batch_size"] * tcfg["grad_accum"] * world
@@ -77,9 +139,17 @@ def sample_indices(step: int, micro: int, rank: int, tcfg: dict, world: int, n_e
     indices = []
     for g in range(first, first + tcfg["micro_batch_size"]):
         epoch, position = divmod(g, n_examples)
-        order = np.random.default_rng([seed, epoch]).permutation(n_examples)
-        indices.append(int(order[position]))
+        indices.append(int(epoch_order(seed, epoch, n_examples)[position]))
     return indices
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    if device.type == "cuda":  # from pinned memory the copy is asynchronous: the host does not wait for the GPU
+        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+    return batch
+
+
+LOG_EVERY = 10  # steps between log lines; logging reads the loss, which waits for the GPU
 
 
 class StopRequested:
@@ -120,14 +190,26 @@ def train(
     rank, world = setup_distributed()
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if torch.cuda.is_available() else "cpu")
+    model = prepare_model(model, tcfg)
+    parameter_counts = matmul_parameters(model)  # before ZeRO-3 partitions them
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
-        params, lr=tcfg["lr"], betas=(0.9, 0.95), weight_decay=tcfg["weight_decay"], fused=device.type == "cuda"
+        params,
+        lr=tcfg["lr"],
+        betas=(0.9, 0.95),
+        weight_decay=tcfg["weight_decay"],
+        fused=device.type == "cuda" and tcfg["offload"] == "none",  # one kernel for all parameters
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(tcfg))
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(tcfg, world)
     )
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16)
+        if tcfg["precision"] == "bf16-mixed"
+        else contextlib.nullcontext()
+    )
+    peak = peak_tflops(tcfg, device)
 
     checkpoint_dir = Path(checkpoint_dir)
     start_step = 0
@@ -148,27 +230,36 @@ def train(
 
     def validation_loss() -> float:
         engine.eval()
-        with torch.no_grad():
-            losses = [engine(**{k: v.to(device) for k, v in b.items()}).loss.item() for b in validation_batches]
+        with torch.no_grad(), autocast:
+            losses = [engine(**to_device(b, device)).loss.item() for b in validation_batches]
         engine.train()
         return float(np.mean(losses))
 
     stop = StopRequested()
     engine.train()
-    tokens_per_step = 0
-    last_time, metrics = time.time(), {}
+    # Since the last log line, on this rank: tokens with a loss, tokens through the model, and the model FLOPs.
+    trained_tokens = seen_tokens = flops = 0
+    last_time, metrics = time.perf_counter(), {}
     for step in range(start_step, tcfg["steps"]):
         for micro in range(tcfg["grad_accum"]):
             batch = collate(sample_indices(step, micro, rank, tcfg, world, n_examples, seed))
-            tokens_per_step = int((batch["labels"] != -100).sum()) * world * tcfg["grad_accum"]
-            loss = engine(**{k: v.to(device) for k, v in batch.items()}).loss
+            trained_tokens += int((batch["labels"] != -100).sum())
+            seen_tokens += batch["input_ids"].numel()
+            seq_len = batch["input_ids"].shape[1]
+            flops += flops_per_token(*parameter_counts, model.config, seq_len) * batch["input_ids"].numel()
+            with autocast:
+                loss = engine(**to_device(batch, device)).loss
             engine.backward(loss)
             engine.step()
         done = step + 1
-        if done % 10 == 0 or done == tcfg["steps"]:
-            elapsed, last_time = time.time() - last_time, time.time()
-            logged = {"train_loss": loss.item(), "lr": scheduler.get_last_lr()[0]}
-            logged["tokens_per_second"] = tokens_per_step * (10 if done % 10 == 0 else done % 10) / elapsed
+        if done % LOG_EVERY == 0 or done == tcfg["steps"]:
+            logged = {"train_loss": loss.item(), "lr": scheduler.get_last_lr()[0]}  # .item() waits for the GPU
+            elapsed, last_time = time.perf_counter() - last_time, time.perf_counter()
+            logged["tokens_per_second"] = trained_tokens * world / elapsed
+            logged["tokens_per_second_per_device"] = seen_tokens / elapsed
+            if peak is not None:  # model FLOPs utilization: achieved model FLOP/s over the device's bf16 peak
+                logged["mfu"] = flops / elapsed / (peak * 1e12)
+            trained_tokens = seen_tokens = flops = 0
             tracker.log_metrics(logged, step=done)
             if rank == 0:
                 print(f"step {done} " + " ".join(f"{k}={v:.4g}" for k, v in logged.items()), file=sys.stderr)
@@ -179,6 +270,8 @@ def train(
             save(done)
         if stop.signal is not None:
             sys.exit(f"{stop.signal} received: checkpoint saved at step {done} in {checkpoint_dir}; rerun to resume")
+        if done % tcfg["eval_every"] == 0 or done % tcfg["checkpoint_every"] == 0:
+            last_time = time.perf_counter()  # throughput counts training steps, not evaluation or checkpoints
 
     metrics.update(train_loss=loss.item(), steps=tcfg["steps"])
     if tcfg["zero_stage"] == 3:  # parameters are sharded: rebuild the full weights from the last checkpoint
