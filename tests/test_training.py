@@ -1,6 +1,7 @@
 """DeepSpeed training on CPU (gloo): every ZeRO stage and method, 1 and 2 processes, and exact resume."""
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -11,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lmforge import config
 from tests.stages import TINY, plan, run_stage, small_corpus, stage_command
 
 
@@ -94,3 +96,51 @@ def test_bf16_training_with_zero2_and_two_processes(prepared):
     run_stage(stages["pretrain"], processes=2)
     assert all(t.dtype == torch.float32 for t in weights(stages["pretrain"]).values())  # exported in full precision
     assert metrics(stages["pretrain"])["validation_loss"] < 6.3  # below uniform over 512 tokens: it learned
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        [
+            "train.activation_checkpointing=true",
+            "train.attention=eager",
+            "train.zero_stage=2",
+            "train.offload=optimizer",
+        ],
+        ["train.zero_stage=3", "train.offload=optimizer+parameters"],
+    ],
+    ids=["checkpointing-eager-offload_optimizer", "zero3-offload_all"],
+)
+def test_memory_saving_options_train_the_same_model(prepared, options):
+    root, base = prepared
+    plain = plan(root / "results", base)["pretrain"]
+    if not Path(plain.dir).exists():
+        run_stage(plain)
+    stage = plan(root / "results", [*base, *options])["pretrain"]
+    run_stage(stage)
+    assert abs(metrics(stage)["validation_loss"] - metrics(plain)["validation_loss"]) < 1e-3
+
+
+def test_compiled_mixed_precision_training_exports_plain_weights(prepared):
+    root, base = prepared
+    stages = plan(root / "results", [*base, "train.compile=true", "train.precision=bf16-mixed"])
+    run = run_stage(stages["pretrain"])
+    assert "mfu" not in run.stderr  # no peak to divide by on a CPU
+    exported = weights(stages["pretrain"])
+    assert set(exported) == set(weights(plan(root / "results", base)["pretrain"]))  # no "_orig_mod." prefixes
+    assert all(t.dtype == torch.float32 for t in exported.values())
+    assert metrics(stages["pretrain"])["validation_loss"] < 6.3
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["train.offload=optimizer"], "needs 'train.zero_stage' >= 1"),
+        (["finetune.train.zero_stage=2", "finetune.train.offload=optimizer+parameters"], ">= 3"),
+        (["train.compile=true", "train.zero_stage=3"], "not supported with ZeRO-3"),
+        (["train.precision=fp16"], "Valid choices: fp32, bf16, bf16-mixed"),
+    ],
+)
+def test_training_options_that_cannot_run_fail_at_planning(overrides, message):
+    with pytest.raises(config.ConfigError, match=re.escape(message)):
+        config.load(overrides)

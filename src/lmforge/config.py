@@ -151,7 +151,7 @@ class StageResources:
     cpus: int = 1
     mem_mb: int = 4000
     runtime: int = 60  # minutes, per attempt
-    gpus: int = 0
+    gpus: int = 0  # per node; training stages run one process per GPU (train.processes = gpus x nodes)
     nodes: int = 1
     partition: str | None = None
     # Training stages: Slurm sends SIGURG this many seconds before the walltime; the loop checkpoints and exits.
@@ -256,6 +256,13 @@ def _check_choices(cfg: DictConfig) -> None:
         needs = {"optimizer": 1, "optimizer+parameters": 3}.get(tcfg.offload, 0)
         if tcfg.zero_stage < needs:
             raise ConfigError(f"'{train}.offload={tcfg.offload}' needs '{train}.zero_stage' >= {needs}.")
+        stage_resources = resources(cfg, "pretrain" if train == "train" else "finetune")
+        gpus = stage_resources.gpus * stage_resources.nodes
+        if gpus and tcfg.processes != gpus:
+            raise ConfigError(
+                f"'{train}.processes={tcfg.processes}' but the stage asks Slurm for {gpus} GPUs "
+                f"({stage_resources.gpus} per node x {stage_resources.nodes} nodes): training runs one process per GPU."
+            )
         if tcfg.compile and tcfg.zero_stage == 3:
             raise ConfigError(
                 f"'{train}.compile=true' is not supported with ZeRO-3 (its parameter gathering breaks the graph)."

@@ -68,12 +68,14 @@ def stage_resources(name, processes=1):
         "nodes": res.nodes,
     }
     if res.gpus:
-        resources["gpu"] = res.gpus
+        resources["gpu"] = res.gpus * res.nodes  # `gpus` is per node; Slurm's --gpus counts the whole job
     if res.partition:
         resources["slurm_partition"] = res.partition
     if processes > 1:
         # N Slurm tasks, and the plugin's MPI path: the command runs once and lmforge.launch starts the tasks.
         resources.update(tasks=processes, mpi="srun")
+        if res.gpus:  # one task per GPU; without it the plugin asks for --ntasks-per-gpu=<all tasks>
+            resources["tasks_per_gpu"] = 1
     if res.signal_before_end_s:
         # To every process of the job's steps (no "B:"), so the training process itself gets it; requeue after
         # preemption. No quotes: the plugin pastes slurm_extra into a shell command line. URG, not USR1: the
