@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from lmforge import finetune
 from tests.stages import TINY, plan, run_stage, small_corpus, stage_command
 
 
@@ -60,6 +62,34 @@ def test_finetuning_methods_export_a_plain_model(prepared, method, processes):
     assert not any("lora" in name for name in tuned)  # adapters merged away
     assert tuned.keys() == pretrained.keys()
     assert any(not torch.equal(tuned[k], pretrained[k]) for k in tuned)
+
+
+# A template unlike the pipeline's ChatML: fine-tuning must use the base model's own template and end of turn.
+ZEPHYR_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|endoftext|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def test_finetuning_any_local_hugging_face_model(prepared, tmp_path):
+    """`finetune.base` = a model directory from elsewhere: its tokenizer and chat template are the ones used."""
+    root, base = prepared
+    stages = plan(root / "results", base)
+    if not Path(stages["pretrain"].dir).exists():
+        run_stage(stages["pretrain"])
+    model = AutoModelForCausalLM.from_pretrained(f"{stages['pretrain'].dir}/model")
+    tokenizer = AutoTokenizer.from_pretrained(f"{stages['pretrain'].dir}/model")
+    tokenizer.chat_template = ZEPHYR_TEMPLATE
+    model.save_pretrained(tmp_path / "other-model")
+    tokenizer.save_pretrained(tmp_path / "other-model")
+
+    stages = plan(root / "results", [*base, f"finetune.base={tmp_path / 'other-model'}", "finetune=lora"])
+    run_stage(stages["finetune"])
+    tuned = AutoTokenizer.from_pretrained(f"{stages['finetune'].dir}/model")
+    assert tuned.chat_template == ZEPHYR_TEMPLATE
+    prompt, answer = finetune.chat_texts(tuned, {"docstring": "Add two numbers.", "name": "add"})
+    assert prompt.endswith("<|assistant|>\n") and answer == "add<|endoftext|>\n"
+    assert finetune.end_of_turn_ids(tuned) == [tuned.eos_token_id]
 
 
 def test_interrupted_training_resumes_to_identical_weights(prepared):

@@ -106,7 +106,8 @@ class LoraConfig:
 
 @dataclass
 class FinetuneConfig:
-    method: str = "full"  # full | lora
+    method: str = "full"  # full | lora | qlora
+    base: str = "pretrain"  # `pretrain` (this pipeline's model) or a Hugging Face model name or local path
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
 
@@ -236,7 +237,7 @@ def _check_choices(cfg: DictConfig) -> None:
         "model.architecture": ("llama", "gpt2"),
         "train.precision": ("fp32", "bf16"),
         "finetune.train.precision": ("fp32", "bf16"),
-        "finetune.method": ("full", "lora"),
+        "finetune.method": ("full", "lora", "qlora"),
         "quantize.method": ("int8_weight_only", "none"),
         "train.zero_stage": (0, 1, 2, 3),
         "finetune.train.zero_stage": (0, 1, 2, 3),
@@ -245,6 +246,12 @@ def _check_choices(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value not in valid:
             raise ConfigError(f"Invalid value {value!r} for '{key}'. Valid choices: {', '.join(map(str, valid))}.")
+    if cfg.finetune.method == "qlora" and not resources(cfg, "finetune").gpus:
+        # Checked here, not in the job: a QLoRA job without a GPU would fail only after it was scheduled.
+        raise ConfigError(
+            "finetune.method=qlora needs a GPU: set resources.finetune.gpus=1 (and a GPU partition), "
+            "or use finetune=lora on CPU."
+        )
 
 
 # Which config sections each stage reads, and which stages' outputs it reads.
