@@ -64,6 +64,7 @@ def main() -> None:
         [
             f"finetune={args.method}",
             "finetune.train.precision=bf16",
+            "resources.finetune.gpus=1",  # QLoRA is refused at planning without a GPU
             "finetune.train.micro_batch_size=8",
             *(f"finetune.train.{o}" for o in args.overrides),
         ]

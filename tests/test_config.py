@@ -23,10 +23,16 @@ def test_unknown_key_names_the_key_and_the_valid_keys():
 def test_wrong_type_and_wrong_choice_are_rejected():
     with pytest.raises(config.ConfigError, match="train.lr"):
         config.load(["train.lr=fast"])
-    with pytest.raises(config.ConfigError, match="Valid choices: full, lora"):
-        config.load(["finetune.method=qlora"])
+    with pytest.raises(config.ConfigError, match="Valid choices: full, lora, qlora"):
+        config.load(["finetune.method=dora"])
     with pytest.raises(config.ConfigError, match="Available options in 'model'"):
         config.load(["model=nonexistent"])
+
+
+def test_qlora_without_a_gpu_fails_before_anything_runs():
+    with pytest.raises(config.ConfigError, match="qlora needs a GPU.*finetune=lora"):
+        config.load(["finetune=qlora"])
+    assert config.load(["finetune=qlora", "resources.finetune.gpus=1"]).finetune.method == "qlora"
 
 
 def test_changing_lr_rekeys_pretraining_and_descendants_only():

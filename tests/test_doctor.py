@@ -237,6 +237,15 @@ def test_gpu_stage_on_partition_without_gpus_fails(monkeypatch):
     assert "resources.<stage>.partition for pretrain to one of: gpu" in fix
 
 
+def test_base_model_must_be_local_or_cached(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    assert doctor.check_base_model(_context())[0] == "OK"  # this pipeline's own model
+    assert doctor.check_base_model(_context(f"finetune.base={tmp_path}"))[0] == "OK"
+    status, seen, fix = doctor.check_base_model(_context("finetune.base=HuggingFaceTB/SmolLM2-135M"))
+    assert status == "FAIL" and "SmolLM2-135M" in seen and "hf download HuggingFaceTB/SmolLM2-135M" in fix
+
+
 def test_profile_partition_missing_on_cluster_fails(monkeypatch):
     _fake_slurm(monkeypatch, {"sinfo -h -o %P": (0, "batch*\ngpu\n")})
     status, seen, _ = doctor.check_default_partition(_context())

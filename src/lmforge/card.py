@@ -92,6 +92,14 @@ def main(cfg: dict, out: Path, tracker) -> dict:
     )
     pretrain_cfg = manifests["pretrain"]["config"]
     finetune_cfg = manifests["finetune"]["config"]["finetune"]
+    external_base = finetune_cfg["base"] != "pretrain"
+    if external_base:
+        card_data.base_model = finetune_cfg["base"]  # the Hub links the card to the model it was tuned from
+    origin = (
+        f"Fine-tuned ({finetune_cfg['method']}) from `{finetune_cfg['base']}`"
+        if external_base
+        else f"A Llama-style causal LM pretrained from scratch and fine-tuned ({finetune_cfg['method']})"
+    )
     training = yaml.safe_dump(
         {"model": pretrain_cfg["model"], "pretrain": pretrain_cfg["train"], "finetune": finetune_cfg}, sort_keys=False
     )
@@ -112,8 +120,7 @@ def main(cfg: dict, out: Path, tracker) -> dict:
         card_data,
         template_str="---\n{{ card_data }}\n---\n\n# {{ model_name }}\n\n{{ body }}\n",
         model_name=card_cfg["model_name"],
-        body=f"""A Llama-style causal LM pretrained from scratch and fine-tuned ({finetune_cfg["method"]}) by
-lmforge to predict a Python function's name from its docstring.
+        body=f"""{origin} by lmforge to predict a Python function's name from its docstring.
 
 ## Use
 ```python

@@ -87,7 +87,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     zero_stage: int = 0
-    precision: str = "fp32"  # fp32 | bf16 (DeepSpeed: bf16 weights, fp32 master copy) | bf16-mixed (torch.autocast)
+    precision: str = "fp32"  # fp32 | bf16 (DeepSpeed's: bf16 weights and gradients, fp32 master weights)
     eval_every: int = 100
     eval_batches: int = 8
     checkpoint_every: int = 100
@@ -111,7 +111,8 @@ class LoraConfig:
 
 @dataclass
 class FinetuneConfig:
-    method: str = "full"  # full | lora
+    method: str = "full"  # full | lora | qlora
+    base: str = "pretrain"  # `pretrain` (this pipeline's model) or a Hugging Face model name or local path
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
 
@@ -239,11 +240,11 @@ def load(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
 def _check_choices(cfg: DictConfig) -> None:
     choices = {
         "model.architecture": ("llama", "gpt2"),
-        "finetune.method": ("full", "lora"),
+        "finetune.method": ("full", "lora", "qlora"),
         "quantize.method": ("int8_weight_only", "none"),
     }
     for train in ("train", "finetune.train"):
-        choices[f"{train}.precision"] = ("fp32", "bf16", "bf16-mixed")
+        choices[f"{train}.precision"] = ("fp32", "bf16")
         choices[f"{train}.zero_stage"] = (0, 1, 2, 3)
         choices[f"{train}.offload"] = ("none", "optimizer", "optimizer+parameters")
         choices[f"{train}.attention"] = ("sdpa", "eager", "flash_attention_2")
@@ -267,6 +268,12 @@ def _check_choices(cfg: DictConfig) -> None:
             raise ConfigError(
                 f"'{train}.compile=true' is not supported with ZeRO-3 (its parameter gathering breaks the graph)."
             )
+    if cfg.finetune.method == "qlora" and not resources(cfg, "finetune").gpus:
+        # Checked here, not in the job: a QLoRA job without a GPU would fail only after it was scheduled.
+        raise ConfigError(
+            "finetune.method=qlora needs a GPU: set resources.finetune.gpus=1 (and a GPU partition), "
+            "or use finetune=lora on CPU."
+        )
 
 
 # Which config sections each stage reads, and which stages' outputs it reads.

@@ -355,6 +355,23 @@ def check_internet(ctx: Context) -> Result:
     return WARN, f"{HUB[0]}:{HUB[1]} unreachable from this node ({error}){via}; {env}", fix
 
 
+def check_base_model(ctx: Context) -> Result:
+    """A Hub model named as `finetune.base` must already be in the local cache: compute nodes may be offline."""
+    base = ctx.cfg.finetune.base
+    if base == "pretrain":
+        return OK, "fine-tuning starts from this pipeline's pretrained model", None
+    if Path(base).is_dir():
+        return OK, f"fine-tuning starts from the local model {base}", None
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = snapshot_download(base, local_files_only=True)
+    except Exception as err:  # noqa: BLE001 (any failure means: not usable offline)
+        fix = f"on a login node with internet: `hf download {base}` with HF_HOME on the shared filesystem"
+        return FAIL, f"finetune.base={base} is neither a local directory nor in the Hugging Face cache ({err})", fix
+    return OK, f"finetune.base={base} cached at {path}", None
+
+
 def _check_sqlite(uri: str) -> Result:
     db = Path(uri.removeprefix("sqlite:///").split("?")[0]).resolve()
     error = write_probe(db.parent)
@@ -398,6 +415,7 @@ CHECKS: list[tuple[str, Callable[[Context], Result]]] = [
     ("results dir", check_results_dir),
     ("results filesystem", check_results_fs),
     ("internet", check_internet),
+    ("fine-tuning base", check_base_model),
     ("mlflow store", check_mlflow),
 ]
 

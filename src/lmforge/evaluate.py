@@ -1,9 +1,10 @@
 """Stage 7, evaluation: every model on the same held-out data.
 
-For the pretrained, fine-tuned and quantized models (the baseline's figures come from its own stage):
+For the pretrained, fine-tuned and quantized models (the baseline's figures come from its own stage), and
+for the fine-tuning's base model when that is not the pipeline's own pretrained model:
   - test perplexity and bits per byte on the test documents (chunks of the model's context length);
   - task exact match, docstring -> function name, with greedy decoding and with seeded sampling
-    (temperature, top-k, top-p from config). The pretrained model is prompted zero-shot and few-shot
+    (temperature, top-k, top-p from config). Models before fine-tuning are prompted zero-shot and few-shot
     with code-style prompts; the fine-tuned models with their chat template.
 
 Outputs: results.json (metrics per model, sampling settings, seed), predictions.jsonl.
@@ -18,16 +19,19 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lmforge import heldout, stage
-from lmforge.finetune import chat_prompt
+from lmforge.finetune import chat_prompt, end_of_turn_ids
 
 
 def load(model_dir: str):
     tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    return model, tokenizer
+    return model.to("cuda" if torch.cuda.is_available() else "cpu"), tokenizer
 
 
 @torch.no_grad()
@@ -40,6 +44,7 @@ def test_nats(model, docs: list[list[int]], context: int, batch_size: int = 16) 
         width = max(len(c) for c in batch)
         ids = torch.tensor([c + [0] * (width - len(c)) for c in batch])
         targets = torch.tensor([c[1:] + [-100] * (width - len(c)) for c in batch])
+        ids, targets = ids.to(model.device), targets.to(model.device)
         logits = model(input_ids=ids[:, :-1], attention_mask=(targets != -100).long()).logits
         total += F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=-100, reduction="sum").item()
     return total
@@ -47,7 +52,7 @@ def test_nats(model, docs: list[list[int]], context: int, batch_size: int = 16) 
 
 @torch.no_grad()
 def generate_names(model, tokenizer, prompts: list[list[int]], eval_cfg: dict, sample: bool, seed: int) -> list[str]:
-    stop = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    stop = end_of_turn_ids(tokenizer) if tokenizer.chat_template else [tokenizer.eos_token_id]
     settings = dict(
         max_new_tokens=eval_cfg["max_new_tokens"],
         do_sample=sample,
@@ -62,7 +67,7 @@ def generate_names(model, tokenizer, prompts: list[list[int]], eval_cfg: dict, s
     torch.manual_seed(seed)
     names = []
     for i in range(0, len(prompts), 32):
-        batch = tokenizer.pad({"input_ids": prompts[i : i + 32]}, return_tensors="pt")
+        batch = tokenizer.pad({"input_ids": prompts[i : i + 32]}, return_tensors="pt").to(model.device)
         output = model.generate(**batch, **settings)
         for row in output[:, batch["input_ids"].shape[1] :]:
             names.append(heldout.identifier(tokenizer.decode(row, skip_special_tokens=True)))
@@ -89,12 +94,16 @@ def main(cfg: dict, out: Path, tracker) -> dict:
     baseline = json.loads(Path(inputs["baseline"], "metrics.json").read_text())
     results = {"baseline": {k: baseline[k] for k in ("test_perplexity", "test_bits_per_byte", "task_exact_match")}}
     predictions = []
-    for name in ("pretrain", "finetune", "quantize"):
-        model, tokenizer = load(f"{inputs[name]}/model")
+    model_dirs = {name: f"{inputs[name]}/model" for name in ("pretrain", "finetune", "quantize")}
+    base = yaml.safe_load(Path(inputs["finetune"], "config.yaml").read_text())["finetune"]["base"]
+    if base != "pretrain":
+        model_dirs = {"base": base, **model_dirs}
+    for name, model_dir in model_dirs.items():
+        model, tokenizer = load(model_dir)
         docs = heldout.document_token_ids(tokenizer, texts)
         nats = test_nats(model, docs, model.config.max_position_embeddings)
         metrics = heldout.language_model_metrics(nats, sum(len(d) - 1 for d in docs), n_bytes)
-        if name == "pretrain":
+        if name in ("pretrain", "base"):
             prompt_sets = {
                 "zero_shot": code_prompts(tokenizer, pairs, [], eval_cfg),
                 "few_shot": code_prompts(tokenizer, pairs, shots, eval_cfg),

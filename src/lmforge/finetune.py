@@ -1,7 +1,11 @@
 """Stage 5, fine-tuning: supervised fine-tuning on docstring -> function name with the chat template.
 
-The loss is on the answer tokens only (the name and <|im_end|>). `finetune.method` is `full` (every weight)
-or `lora` (peft adapters, merged into the model for export). Same DeepSpeed loop as pretraining.
+The starting point, `finetune.base`, is this pipeline's pretrained model (`pretrain`, the default) or any
+Hugging Face causal LM by Hub name or local directory; the base model's own tokenizer and chat template
+are used. The loss is on the answer tokens only (the name and the template's end of turn).
+`finetune.method` is `full` (every weight), `lora` (peft adapters) or `qlora` (LoRA on a 4-bit NF4 base,
+bitsandbytes, CUDA only); adapters are merged into the unquantized base for export. Same DeepSpeed loop
+as pretraining.
 
 Outputs: model/ (a plain Hugging Face model directory with the tokenizer), metrics.json.
 """
@@ -9,6 +13,7 @@ Outputs: model/ (a plain Hugging Face model directory with the tokenizer), metri
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -19,18 +24,41 @@ from lmforge import heldout, stage, train_loop
 IGNORE = -100
 
 
+def base_model_dir(cfg: dict) -> str:
+    """`finetune.base`: `pretrain` (this pipeline's model), or a Hub name or local path of a causal LM.
+
+    Compute nodes usually have no internet: download a Hub model on the login node first
+    (`hf download NAME`, with HF_HOME on the shared filesystem); loading then works offline.
+    """
+    base = cfg["finetune"]["base"]
+    return f"{cfg['inputs']['pretrain']}/model" if base == "pretrain" else base
+
+
+def chat_texts(tokenizer, pair: dict) -> tuple[str, str]:
+    """The prompt (user turn + assistant header) and the answer (name + end of turn) in the model's template."""
+    user = [{"role": "user", "content": pair["docstring"]}]
+    prompt = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+    full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": pair["name"]}], tokenize=False)
+    if not full.startswith(prompt):
+        raise SystemExit("the base model's chat template does not render the prompt as a prefix of the dialogue")
+    return prompt, full[len(prompt) :]
+
+
 def chat_prompt(tokenizer, docstring: str) -> list[int]:
-    """The user turn and the assistant header: what the model sees before it answers."""
-    messages = [{"role": "user", "content": docstring}]
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    """What the model sees before it answers."""
+    prompt, _ = chat_texts(tokenizer, {"docstring": docstring, "name": "f"})
+    return tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """Tokens that end an answer: EOS and the special tokens the template puts after the assistant's text."""
+    _, answer = chat_texts(tokenizer, {"docstring": "d", "name": "f"})
+    special = set(tokenizer.all_special_ids) & set(tokenizer(answer, add_special_tokens=False)["input_ids"])
+    return sorted(special | {tokenizer.eos_token_id})
 
 
 def sft_example(tokenizer, pair: dict, max_len: int) -> dict:
-    prompt = chat_prompt(tokenizer, pair["docstring"])
-    answer = tokenizer(pair["name"], add_special_tokens=False)["input_ids"] + [
-        tokenizer.convert_tokens_to_ids("<|im_end|>")
-    ]
+    prompt, answer = (tokenizer(text, add_special_tokens=False)["input_ids"] for text in chat_texts(tokenizer, pair))
     prompt = prompt[-(max_len - len(answer)) :]  # keep the end of a long docstring and the assistant header
     return {"input_ids": prompt + answer, "labels": [IGNORE] * len(prompt) + answer}
 
@@ -46,30 +74,55 @@ def pad_batch(examples: list[dict], pad_id: int) -> dict:
     return {k: torch.tensor(v) for k, v in batch.items()}
 
 
-def load_trainable(base: str, ft_cfg: dict) -> torch.nn.Module:
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    if ft_cfg["method"] == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-        lora = ft_cfg["lora"]
-        model = get_peft_model(
-            model,
-            LoraConfig(
-                r=lora["r"],
-                lora_alpha=lora["alpha"],
-                lora_dropout=lora["dropout"],
-                target_modules=[m for m in lora["target_modules"] if m in present],
-                task_type="CAUSAL_LM",
-            ),
+def load_base(base: str, quantized: bool) -> torch.nn.Module:
+    if not quantized:
+        return AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    if not torch.cuda.is_available():
+        raise SystemExit(
+            "finetune.method=qlora needs a CUDA GPU: bitsandbytes' 4-bit NF4 weights are not faithful on CPU. "
+            "On CPU use finetune=lora (same adapters on an unquantized base)."
         )
-    return model
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    nf4 = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    device = {"": int(os.environ.get("LOCAL_RANK", 0))}  # one GPU per process; bitsandbytes places the weights
+    model = AutoModelForCausalLM.from_pretrained(base, quantization_config=nf4, dtype=torch.bfloat16, device_map=device)
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+def add_adapters(model: torch.nn.Module, lora: dict) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    adapters = LoraConfig(
+        r=lora["r"],
+        lora_alpha=lora["alpha"],
+        lora_dropout=lora["dropout"],
+        target_modules=[m for m in lora["target_modules"] if m in present],
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, adapters)
+
+
+def load_trainable(base: str, ft_cfg: dict, for_export: bool = False) -> torch.nn.Module:
+    """The model to train; for export, the same shape on an unquantized base so adapters merge exactly."""
+    method = ft_cfg["method"]
+    model = load_base(base, quantized=method == "qlora" and not for_export)
+    return model if method == "full" else add_adapters(model, ft_cfg["lora"])
 
 
 def main(cfg: dict, out: Path, tracker) -> dict:
     ft_cfg, tcfg = cfg["finetune"], cfg["finetune"]["train"]
-    base = f"{cfg['inputs']['pretrain']}/model"
+    base = base_model_dir(cfg)
     tokenizer = AutoTokenizer.from_pretrained(base)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # many base models have no padding token
     model = load_trainable(base, ft_cfg)
     max_len = model.config.max_position_embeddings
     curated = cfg["inputs"]["curate"]
@@ -93,10 +146,14 @@ def main(cfg: dict, out: Path, tracker) -> dict:
     )
     if not stage.is_rank_zero():
         return metrics
-    final = load_trainable(base, ft_cfg)
-    final.load_state_dict(state)
-    if ft_cfg["method"] == "lora":
-        metrics["trainable_parameters"] = sum(p.numel() for n, p in final.named_parameters() if "lora_" in n)
+    final = load_trainable(base, ft_cfg, for_export=True)
+    if ft_cfg["method"] == "full":
+        final.load_state_dict(state)
+    else:  # the base is frozen: only the adapters were trained (a QLoRA state holds 4-bit base weights)
+        adapters = {k: v for k, v in state.items() if "lora_" in k}
+        missing = final.load_state_dict(adapters, strict=False).missing_keys
+        assert not [k for k in missing if "lora_" in k], "trained adapters missing from the checkpoint"
+        metrics["trainable_parameters"] = sum(v.numel() for v in adapters.values())
         final = final.merge_and_unload()
     final.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")

@@ -10,7 +10,6 @@ SIGTERM (preemption) save a checkpoint and stop.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import os
@@ -63,8 +62,6 @@ def deepspeed_config(tcfg: dict, world: int) -> dict:
         "train_batch_size": tcfg["micro_batch_size"] * tcfg["grad_accum"] * world,
         "gradient_clipping": tcfg["grad_clip"],
         "zero_optimization": zero,
-        # "bf16": bf16 weights and gradients, fp32 master weights in the optimizer (DeepSpeed's).
-        # "bf16-mixed" keeps fp32 weights and runs the forward under torch.autocast (see train()).
         "bf16": {"enabled": tcfg["precision"] == "bf16"},
         # Offload steps torch's AdamW on the CPU copy; DeepSpeedCPUAdam would be faster but needs its C++ op built.
         "zero_force_ds_cpu_optimizer": False,
@@ -204,11 +201,6 @@ def train(
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(tcfg, world)
     )
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16)
-        if tcfg["precision"] == "bf16-mixed"
-        else contextlib.nullcontext()
-    )
     peak = peak_tflops(tcfg, device)
 
     checkpoint_dir = Path(checkpoint_dir)
@@ -230,7 +222,7 @@ def train(
 
     def validation_loss() -> float:
         engine.eval()
-        with torch.no_grad(), autocast:
+        with torch.no_grad():
             losses = [engine(**to_device(b, device)).loss.item() for b in validation_batches]
         engine.train()
         return float(np.mean(losses))
@@ -247,8 +239,7 @@ def train(
             seen_tokens += batch["input_ids"].numel()
             seq_len = batch["input_ids"].shape[1]
             flops += flops_per_token(*parameter_counts, model.config, seq_len) * batch["input_ids"].numel()
-            with autocast:
-                loss = engine(**to_device(batch, device)).loss
+            loss = engine(**to_device(batch, device)).loss
             engine.backward(loss)
             engine.step()
         done = step + 1
