@@ -17,8 +17,8 @@ Measured (every command and its output verbatim: benchmarks/results/gpu-h200.txt
 
     nvidia-h200, 1 process:
       python3 benchmarks/train_throughput.py --steps 30                # train=gpu: ZeRO-1, micro 32, accum 8
-        tokens/s=462,899 mfu=0.361 peak_mem_gib=19.2
-    nvidia-h200-x2 (2 H200, NV18), same settings:
+        tokens/s=471,596 mfu=0.367 peak_mem_gib=19.2
+    nvidia-h200-x2 (2 H200, NV18), same settings, before DeepSpeed's bf16 overflow check was turned off:
       python3 benchmarks/train_throughput.py --steps 30
         tokens/s=469,229 mfu=0.366
       python3 -m torch.distributed.run --standalone --nproc-per-node=2 benchmarks/train_throughput.py --steps 30
