@@ -103,6 +103,8 @@ def test_rerun_does_nothing_and_lr_change_reruns_only_training_and_after(pipelin
         "quantize",
         "evaluate",
         "card",
+        "history",
+        "compare",
         "all",
     }
 
@@ -119,9 +121,16 @@ def test_mlflow_has_a_parent_run_and_one_child_per_stage(pipeline):
     pretrain = next(r for r in children if runs[r] == "pretrain")
     params = dict(db.execute("select key, value from params where run_uuid = ?", (pretrain,)).fetchall())
     assert params["train.lr"] == "0.003"
+    tags = dict(db.execute("select key, value from tags where run_uuid = ?", (pretrain,)).fetchall())
+    [tokenizer] = (pipeline / "results" / "tokenizer").iterdir()
+    assert tags["lmforge.upstream.tokenizer"] == tokenizer.name  # which tokenizer (and so which data) it used
+    summary = dict(db.execute("select key, value from latest_metrics where run_uuid = ?", (parents[0],)).fetchall())
+    assert {"pretrain_test_bpb", "finetune_test_bpb", "exact_match", "pretrain_validation_loss"} <= set(summary)
     steps = db.execute(
         "select count(distinct step) from metrics where run_uuid = ? and key = 'train_loss'", (pretrain,)
     )
     assert steps.fetchone()[0] >= 1
     artifacts = list((pipeline / "results" / "mlartifacts").rglob("manifest.json"))
     assert len(artifacts) == 8
+    plots = {p.name for p in (pipeline / "results" / "report" / "lmforge").iterdir()}
+    assert {"loss_curves.svg", "metrics_vs_params.svg", "configurations.rst"} <= plots
