@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from lmforge import history, tracking
+from lmforge import history
 from tests.tracked_stage import WRITER_STEPS, record_stage, run_config, writer_loss
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,26 +116,32 @@ def test_merging_again_adds_nothing(sweep):
     assert set(merged["runs"].values()) <= set(before)
     points = client.get_metric_history(merged["runs"]["pretrain"], "train_loss")
     assert len(points) == 3
+    assert len(client.get_metric_history(merged["parent_run_id"], "exact_match")) == 1
 
 
-def test_an_import_that_died_halfway_is_redone(tmp_path):
+def test_a_copy_that_died_halfway_or_a_rerun_stage_is_replaced(tmp_path):
     stages = record_configuration(tmp_path, "cfg_x", 0.001, record_shared_stages(tmp_path, "cfg_x"))
     run_cfg = run_config(tmp_path, "cfg_x")
     merged = history.merge(stages, run_cfg)
     client = client_of(tmp_path)
     client.delete_run(merged["runs"]["pretrain"])
-    half = client.create_run(
+    half = client.create_run(  # what a merge that died after creating the run leaves: RUNNING, no metrics
         merged["experiment_id"],
-        tags={"mlflow.parentRunId": merged["parent_run_id"], "lmforge.source_run_id": read_run_id(stages["pretrain"])},
+        tags={"mlflow.parentRunId": merged["parent_run_id"], "lmforge.run_key": "cfg_x", "lmforge.stage": "pretrain"},
     )
     again = history.merge(stages, run_cfg)
-    assert again["runs"]["pretrain"] != half.info.run_id
     assert client.get_run(half.info.run_id).info.lifecycle_stage == "deleted"
     assert len(client.get_metric_history(again["runs"]["pretrain"], "validation_loss")) == 3
 
-
-def read_run_id(stage_dir: Path) -> str:
-    return json.loads((stage_dir / tracking.RECORD_DIR / "run.json").read_text())["run_id"]
+    record_stage(
+        tmp_path, "tokenizer", "tok0", run_cfg, {"tokenizer": {"vocab_size": 512}}, {"curate": stages["curate"]}
+    )
+    rerun = history.merge(stages, run_cfg)
+    assert rerun["runs"]["tokenizer"] != again["runs"]["tokenizer"]
+    assert client.get_run(again["runs"]["tokenizer"]).info.lifecycle_stage == "deleted"
+    assert {k: v for k, v in rerun["runs"].items() if k != "tokenizer"} == {
+        k: v for k, v in again["runs"].items() if k != "tokenizer"
+    }
 
 
 def start(*args: str) -> subprocess.Popen:

@@ -16,7 +16,8 @@ their own directories (see lmforge.tracking for why). In the central store:
 A stage shared by several configurations of a sweep (curate, tokenizer) becomes
 a child of each of them, so every configuration shows all eight stages.
 Merging is idempotent: a stage whose record is already a finished child of the
-parent is skipped. A SQLite store is written under a file lock, so concurrent
+parent is skipped; a child copied from an older record of the stage (rerun under
+the same key), or whose copy died halfway, is replaced. A SQLite store is written under a file lock, so concurrent
 merges (Snakemake runs local jobs in parallel) take turns; keep it on a local
 disk. An http(s) URI sends the runs to an MLflow server.
 """
@@ -132,18 +133,25 @@ def log_batches(client, run_id: str, params=(), metrics=()) -> None:
         client.log_batch(run_id, metrics=metrics[start : start + BATCH])
 
 
+def current_child(client, experiment: str, parent: dict, record: dict) -> str | None:
+    """The parent's child copied from this very record, if any. Other children of the same stage are deleted:
+    copies that died halfway (still RUNNING) and copies of an older record (the stage rerun under the same key)."""
+    current = None
+    for run in find_runs(client, experiment, {**parent, "lmforge.stage": record["name"]}):
+        if run.data.tags.get("lmforge.source_run_id") == record["run_id"] and run.info.status == record["status"]:
+            current = run.info.run_id
+        else:
+            client.delete_run(run.info.run_id)
+    return current
+
+
 def import_stage(client, experiment: str, parent: dict, stage_dir: Path, record: dict, upstream: dict) -> str:
-    """The child run copied from a stage record; `parent` holds the parent's tags for its children,
+    """A new child run copied from a stage record; `parent` holds the tags that link a child to its parent,
     `upstream` maps stage names to their child runs in this configuration."""
     from mlflow.entities import Metric, Param
 
-    source = {"mlflow.parentRunId": parent["mlflow.parentRunId"], "lmforge.source_run_id": record["run_id"]}
-    for run in find_runs(client, experiment, source):
-        if run.info.status == record["status"]:
-            return run.info.run_id  # merged before
-        client.delete_run(run.info.run_id)  # an import that died halfway (status still RUNNING): redo it
     read = [name for name in upstream if f"lmforge.upstream.{name}" in record["tags"]]
-    tags = {**record["tags"], **parent, **source, **{f"lmforge.upstream_run.{name}": upstream[name] for name in read}}
+    tags = {**record["tags"], **parent, **{f"lmforge.upstream_run.{name}": upstream[name] for name in read}}
     run_id = client.create_run(
         experiment, start_time=record["start_time"], tags=tags, run_name=record["name"]
     ).info.run_id
@@ -177,24 +185,29 @@ def merge(stages: dict[str, Path], run_cfg: dict) -> dict:
         parent_id = parent_run_id(client, experiment, run_cfg)
         parent = {"mlflow.parentRunId": parent_id, RUN_KEY_TAG: run_cfg["run_key"]}
         children: dict[str, str] = {}
+        changed = client.get_run(parent_id).info.status != "FINISHED"  # new, or a merge that died halfway
         for name, record in records.items():
-            children[name] = import_stage(client, experiment, parent, Path(stages[name]), record, children)
-        configuration = {k: v for record in records.values() for k, v in record["params"].items()}
-        finals = {name: last_values(record["metrics"]) for name, record in records.items()}
-        summary = {
-            metric: finals[stage][key]
-            for metric, (stage, key) in SUMMARY_METRICS.items()
-            if key in finals.get(stage, {})
-        }
-        now = tracking.now_ms()
-        log_batches(
-            client,
-            parent_id,
-            params=[Param(k, v[:6000]) for k, v in configuration.items()],
-            metrics=[Metric(k, v, now, 0) for k, v in summary.items()],
-        )
-        end = max(record["end_time"] for record in records.values())
-        client.set_terminated(parent_id, "FINISHED", end_time=end)
+            children[name] = current_child(client, experiment, parent, record)
+            if children[name] is None:
+                children[name] = import_stage(client, experiment, parent, Path(stages[name]), record, children)
+                changed = True
+        if changed:  # the parent's summary, once per set of children (metrics logged twice would be two points)
+            configuration = {k: v for record in records.values() for k, v in record["params"].items()}
+            finals = {name: last_values(record["metrics"]) for name, record in records.items()}
+            summary = {
+                metric: finals[stage][key]
+                for metric, (stage, key) in SUMMARY_METRICS.items()
+                if key in finals.get(stage, {})
+            }
+            now = tracking.now_ms()
+            log_batches(
+                client,
+                parent_id,
+                params=[Param(k, v[:6000]) for k, v in configuration.items()],
+                metrics=[Metric(k, v, now, 0) for k, v in summary.items()],
+            )
+            end = max(record["end_time"] for record in records.values())
+            client.set_terminated(parent_id, "FINISHED", end_time=end)
     return {
         "tracking_uri": uri,
         "experiment": tracking.experiment_name(run_cfg),
