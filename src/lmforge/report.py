@@ -72,19 +72,22 @@ def plot_metrics_vs_params(configurations: list[dict], swept: list[str], path: P
         ax.axis("off")
         ax.text(0.5, 0.5, f"{len(configurations)} configuration(s), no param differs", ha="center", va="center")
     else:
-        fig, axes = plt.subplots(len(metrics), len(swept), figsize=(4 * len(swept), 2.6 * len(metrics)), squeeze=False)
-        for col, param in enumerate(swept):
+        panels = [(param, metric) for param in swept for metric in metrics]
+        columns = min(4, len(panels))
+        rows = -(-len(panels) // columns)
+        fig, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3 * rows), squeeze=False)
+        for ax in axes.flat[len(panels) :]:
+            ax.axis("off")
+        for ax, (param, metric) in zip(axes.flat, panels):
             values = [c["params"].get(param) for c in configurations]
             numeric = all(runs.as_number(v) is not None for v in values)
-            xs = [runs.as_number(v) for v in values] if numeric else values
-            for row, metric in enumerate(metrics):
-                ax = axes[row][col]
-                points = sorted((x, c["metrics"][metric]) for x, c in zip(xs, configurations) if metric in c["metrics"])
-                ax.plot([str(x) if not numeric else x for x, _ in points], [y for _, y in points], "o-")
-                if numeric and min(xs) > 0 and max(xs) / min(xs) >= 10:
-                    ax.set_xscale("log")
-                ax.set(xlabel=param if row == len(metrics) - 1 else None, ylabel=metric)
-                ax.grid(alpha=0.3)
+            xs = [runs.as_number(v) for v in values] if numeric else [str(v) for v in values]
+            points = sorted((x, c["metrics"][metric]) for x, c in zip(xs, configurations) if metric in c["metrics"])
+            ax.plot([x for x, _ in points], [y for _, y in points], "o-")
+            if numeric and min(xs) > 0 and max(xs) / min(xs) >= 10:
+                ax.set_xscale("log")
+            ax.set(title=metric, xlabel=param)
+            ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -105,8 +108,16 @@ def configurations_rst(experiment: str, configurations: list[dict]) -> str:
         lines += [f"   * - {runs.cell(row[0])}", *(f"     - {runs.cell(v)}" for v in row[1:])]
     swept = set(runs.swept_params(configurations))
     shared = sorted((k, v) for k, v in configurations[0]["params"].items() if k not in swept)
-    lines += ["", "Shared by all:", "", "::", "", *(f"    {k}: {v}" for k, v in shared), ""]
-    return "\n".join(lines)
+    # A multi-line value (a prompt template) goes on one line: a line break would end the literal block.
+    lines += [
+        "",
+        "Shared by all:",
+        "",
+        "::",
+        "",
+        *(f"    {k}: {v!r}" if "\n" in v else f"    {k}: {v}" for k, v in shared),
+    ]
+    return "\n".join([*lines, ""])
 
 
 def main() -> None:
