@@ -134,3 +134,17 @@ def test_mlflow_has_a_parent_run_and_one_child_per_stage(pipeline):
     assert len(artifacts) == 8
     plots = {p.name for p in (pipeline / "results" / "report" / "lmforge").iterdir()}
     assert {"loss_curves.svg", "metrics_vs_params.svg", "configurations.rst"} <= plots
+
+
+@pytest.mark.e2e
+def test_snakemake_report_holds_the_comparison_plots_and_their_configurations(pipeline):
+    report = pipeline / "report.html"
+    run = snakemake(pipeline, "--report", str(report))
+    assert run.returncode == 0, run.stderr[-3000:]
+    html = report.read_text()
+    assert "loss_curves.svg" in html and "metrics_vs_params.svg" in html and "Shared by all" in html
+
+
+def test_wandb_sync_is_planned_only_when_wandb_is_on(tmp_path):
+    assert "wandb_sync" not in planned_rules(snakemake(tmp_path, "-n").stdout)
+    assert "wandb_sync" in planned_rules(snakemake(tmp_path, "-n", overrides=["run.wandb=true"]).stdout)
