@@ -126,7 +126,7 @@ def main(args: argparse.Namespace) -> int:
     if args.csv:
         write_csv(sys.stdout, header, rows)
     else:
-        print(f"{tracking.experiment_name(run_cfg)}: {len(rows)} configurations")
+        print(f"{tracking.experiment_name(run_cfg)}: {len(rows)} configuration{'' if len(rows) == 1 else 's'}")
         if rows:
             print(format_text(header, rows))
     return 0

@@ -10,19 +10,21 @@ localrules:
 
 
 PYTHON = shlex.quote(sys.executable)
-# One experiment per sweep; the comparison report of its configurations goes here.
-COMPARISON_DIR = f"{RESULTS}/report/{tracking.experiment_name(CFG.run)}"
+# One MLflow experiment per sweep. It names the merge's output too: a configuration that joins a sweep after it
+# ran on its own (same key) is merged again, into the sweep's experiment.
+EXPERIMENT = tracking.experiment_name(CFG.run)
+COMPARISON_DIR = f"{RESULTS}/report/{EXPERIMENT}"
 
 
 rule history:
     input:
         stage_dir("card"),
     output:
-        f"{RESULTS}/history/{{key}}.json",
+        f"{RESULTS}/history/{EXPERIMENT}/{{key}}.json",
     params:
         config=stage_config("card"),
     log:
-        f"{RESULTS}/logs/history/{{key}}.log",
+        f"{RESULTS}/logs/history/{EXPERIMENT}/{{key}}.log",
     conda:
         "../../env/environment.yml"
     wildcard_constraints:
@@ -42,7 +44,7 @@ rule compare:
             category="Comparison",
         ),
     log:
-        f"{RESULTS}/logs/compare/{tracking.experiment_name(CFG.run)}.log",
+        f"{RESULTS}/logs/compare/{EXPERIMENT}.log",
     conda:
         "../../env/environment.yml"
     shell:
