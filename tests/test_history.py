@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from lmforge import history
+from lmforge import history, tracking
 from tests.tracked_stage import WRITER_STEPS, record_stage, run_config, writer_loss
 
 REPO = Path(__file__).resolve().parents[1]
@@ -226,3 +226,13 @@ def test_report_plots_the_configurations(sweep, tmp_path):
     caption = (out / "configurations.rst").read_text()
     assert "cfg_a" in caption and "0.003" in caption and "tokenizer.vocab_size: 512" in caption
     assert (out / "runs.csv").read_text().splitlines()[0].startswith("run_key,train.lr,")
+
+
+def test_wandb_logs_offline_where_wandb_sync_finds_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run_cfg = {**run_config(tmp_path, "cfg_w"), "wandb": True}
+    stage_dir = record_stage(
+        tmp_path, "pretrain", "pre_w", run_cfg, {"train": {"lr": 0.1}}, curves={"train_loss": [2, 1]}
+    )
+    [offline] = (stage_dir / tracking.RECORD_DIR / "wandb").glob("offline-run-*")
+    assert list(offline.glob("*.wandb"))  # what `wandb sync` (the wandb_sync rule) uploads

@@ -121,10 +121,11 @@ def stage_run(cfg: dict, stage_dir: Path, enabled: bool = True):
         import wandb
 
         os.environ.setdefault("WANDB_MODE", "offline")  # compute nodes usually have no internet; synced by a local rule
-        tracker.wandb_run = wandb.init(
-            project=experiment_name(run_cfg),
+        tracker.wandb_run = wandb.init(  # a wandb project name cannot hold the "/" of experiment_name: sweep as a tag
+            project=run_cfg["experiment"],
             group=run_cfg["run_key"],
             name=cfg["stage"],
+            tags=[run_cfg["sweep"]] if run_cfg.get("sweep") else None,
             config=params,
             dir=str(directory),
         )
