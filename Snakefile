@@ -1,11 +1,17 @@
 # lmforge: curate -> tokenizer -> baseline -> pretrain -> finetune -> quantize -> evaluate -> card.
 # Configure with Hydra overrides:  snakemake --cores all --config overrides="train.lr=1e-3"
 include: "workflow/rules/common.smk"
+include: "workflow/rules/history.smk"  # before `all`, which names its outputs
+
+
+report: "workflow/report/workflow.rst"
 
 
 rule all:
     input:
         [STAGES["card"].dir, STAGES["evaluate"].dir],
+        COMPARISON_DIR,
+        expand(rules.wandb_sync.output[0], key=configuration_keys()) if CFG.run.wandb else [],
     default_target: True
 
 

@@ -93,3 +93,8 @@ def stage_command(name, processes=1):
     entry = f"lmforge.{name}" if processes == 1 else f"lmforge.launch {processes} lmforge.{name}"
     threads = "$(( {threads} / %d > 0 ? {threads} / %d : 1 ))" % (processes, processes)
     return f"OMP_NUM_THREADS={threads} {python} -m {entry} {{params.config}} {{output}} > {{log}} 2>&1"
+
+
+def configuration_keys():
+    """The run key (the card's key) of every configuration this run plans."""
+    return [STAGES["card"].key]
