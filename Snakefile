@@ -1,11 +1,12 @@
 # lmforge: curate -> tokenizer -> baseline -> pretrain -> finetune -> quantize -> evaluate -> card.
 # Configure with Hydra overrides:  snakemake --cores all --config overrides="train.lr=1e-3"
+# A sweep is one DAG:               snakemake --cores all --config overrides="train.lr=1e-4,3e-4 sweep=..."
 include: "workflow/rules/common.smk"
 
 
 rule all:
     input:
-        [STAGES["card"].dir, STAGES["evaluate"].dir],
+        SWEEP.targets,
     default_target: True
 
 
@@ -17,3 +18,4 @@ include: "workflow/rules/finetune.smk"
 include: "workflow/rules/quantize.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/card.smk"
+include: "workflow/rules/scaling.smk"
