@@ -16,7 +16,9 @@ from lmforge import config, scaling, sweep
 from lmforge.workflow import snakemake_command
 from tests.stages import TINY, job_counts
 
-BASE = ["data.max_documents=120", *TINY]
+# One CPU a job, so that 2 cores run two jobs at once: most of a tiny job is Python starting up.
+ONE_CPU = [f"resources.{stage}.cpus=1" for stage in ("pretrain", "finetune", "evaluate")]
+BASE = ["data.max_documents=120", *TINY, *ONE_CPU]
 GRID = ["train.lr=1e-3,3e-3", "eval.few_shot=0,1"]
 # The scaling sweep's own model ladder and train.steps stay; the rest of TINY keeps it small.
 SCALING = [

@@ -322,9 +322,12 @@ class Stage:
 
     @property
     def processes(self) -> int:
-        """Training processes (one job of N tasks) of pretrain and finetune; 1 for the other stages."""
-        train = {"pretrain": self.config.get("train"), "finetune": self.config.get("finetune", {}).get("train")}
-        return train[self.name]["processes"] if train.get(self.name) else 1
+        """The training processes of pretrain and finetune (one job of N tasks); 1 for the other stages."""
+        if self.name == "pretrain":
+            return self.config["train"]["processes"]
+        if self.name == "finetune":
+            return self.config["finetune"]["train"]["processes"]
+        return 1
 
 
 def plan(cfg: DictConfig) -> dict[str, Stage]:
