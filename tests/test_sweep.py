@@ -3,6 +3,7 @@ and the scaling sweep's fit. The end-to-end tests share one results directory, s
 the 2 x 2 sweep's curate and tokenizer."""
 
 import json
+import re
 import subprocess
 from pathlib import Path
 from types import SimpleNamespace
@@ -105,6 +106,15 @@ def snakemake(results: Path, overrides: list[str], *args: str) -> subprocess.Com
 
 def output(run: subprocess.CompletedProcess) -> str:
     return run.stdout + run.stderr
+
+
+def test_each_job_runs_with_its_own_stage_processes_and_resources(tmp_path):
+    dry = snakemake(tmp_path / "results", ["train.processes=1,2"], "-n", "-p")
+    assert dry.returncode == 0, output(dry)[-3000:]
+    jobs = re.findall(r"rule pretrain:\n.*?resources: (.*?)\nShell command: (.*?)\n", output(dry), re.DOTALL)
+    launched = {re.search(r"lmforge.launch (\d) lmforge.pretrain", command).group(1): res for res, command in jobs}
+    assert sorted(launched) == ["1", "2"]
+    assert "tasks=2" in launched["2"] and "mpi=srun" in launched["2"] and "mpi=srun" not in launched["1"]
 
 
 @pytest.fixture(scope="module")
