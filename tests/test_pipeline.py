@@ -8,38 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.stages import TINY
+from lmforge.workflow import snakemake_command
+from tests.stages import TINY, job_counts
 
-REPO = Path(__file__).resolve().parents[1]
 OVERRIDES = ["data.max_documents=120", "finetune=lora", *TINY]
 
 
 def snakemake(workdir: Path, *args: str, overrides=()) -> subprocess.CompletedProcess:
-    override_text = " ".join([f"run.results_dir={workdir}/results", *OVERRIDES, *overrides])
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "snakemake",
-            "--snakefile",
-            str(REPO / "Snakefile"),
-            "--directory",
-            str(workdir),
-            "--cores",
-            "2",
-            "--config",
-            f"overrides={override_text}",
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-    )
-
-
-def planned_rules(output: str) -> set[str]:
-    """Rule names from the 'Job stats' table of a dry run (header, dashes, rows, then 'total')."""
-    names = [row.split()[0] for row in output.split("Job stats:")[1].splitlines()[3:] if row.strip()]
-    return set(names[: names.index("total")])
+    command = snakemake_command(workdir / "results", [*OVERRIDES, *overrides], "--cores", "2", *args)
+    return subprocess.run(command, capture_output=True, text=True)
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +74,7 @@ def test_rerun_does_nothing_and_lr_change_reruns_only_training_and_after(pipelin
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
     changed = snakemake(pipeline, "-n", overrides=["train.lr=0.01"])
     assert changed.returncode == 0, changed.stderr
-    assert planned_rules(changed.stdout + changed.stderr) == {
+    assert set(job_counts(changed.stdout + changed.stderr)) == {
         "pretrain",
         "finetune",
         "quantize",
@@ -146,5 +123,5 @@ def test_snakemake_report_holds_the_comparison_plots_and_their_configurations(pi
 
 
 def test_wandb_sync_is_planned_only_when_wandb_is_on(tmp_path):
-    assert "wandb_sync" not in planned_rules(snakemake(tmp_path, "-n").stdout)
-    assert "wandb_sync" in planned_rules(snakemake(tmp_path, "-n", overrides=["run.wandb=true"]).stdout)
+    assert "wandb_sync" not in job_counts(snakemake(tmp_path, "-n").stdout)
+    assert "wandb_sync" in job_counts(snakemake(tmp_path, "-n", overrides=["run.wandb=true"]).stdout)

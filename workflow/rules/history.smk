@@ -12,7 +12,7 @@ localrules:
 PYTHON = shlex.quote(sys.executable)
 # One MLflow experiment per sweep. It names the merge's output too: a configuration that joins a sweep after it
 # ran on its own (same key) is merged again, into the sweep's experiment.
-EXPERIMENT = tracking.experiment_name(CFG.run)
+EXPERIMENT = tracking.experiment_name(RUN)
 COMPARISON_DIR = f"{RESULTS}/report/{EXPERIMENT}"
 
 
@@ -22,7 +22,7 @@ rule history:
     output:
         f"{RESULTS}/history/{EXPERIMENT}/{{key}}.json",
     params:
-        config=stage_config("card"),
+        config=stage_params("card")["config"],
     log:
         f"{RESULTS}/logs/history/{EXPERIMENT}/{{key}}.log",
     conda:
