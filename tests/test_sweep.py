@@ -69,8 +69,8 @@ def test_range_and_glob_sweeps_expand():
 def test_an_invalid_value_in_one_configuration_fails_the_plan_naming_the_key():
     with pytest.raises(config.ConfigError, match=r"(?s)configuration 2 of 2 \(train.lr=fast.*full_key: train.lr"):
         sweep.plan(["train.lr=1e-3,fast"])
-    with pytest.raises(config.ConfigError, match="Valid choices: full, lora"):
-        sweep.plan(["finetune.method=full,qlora"])
+    with pytest.raises(config.ConfigError, match="Valid choices: full, lora, qlora"):
+        sweep.plan(["finetune.method=full,dora"])
 
 
 def test_sweep_file_and_command_line_combine():
@@ -157,6 +157,8 @@ def test_sweep_runs_shared_stages_once_and_every_branch(two_by_two, results):
         "quantize": 2,
         "evaluate": 4,
         "card": 4,
+        "history": 4,
+        "compare": 1,
         "all": 1,
     }
     assert two_by_two.rerun.returncode == 0, output(two_by_two.rerun)[-5000:]
@@ -169,7 +171,7 @@ def test_sweep_runs_shared_stages_once_and_every_branch(two_by_two, results):
 @pytest.mark.e2e
 def test_rerun_after_a_failed_branch_runs_only_that_branch(two_by_two):
     assert two_by_two.missing_after_first == [two_by_two.plan.runs[-1]["card"].key]
-    expected = {"evaluate": 1, "card": 1, "all": 1}
+    expected = {"evaluate": 1, "card": 1, "history": 1, "compare": 1, "all": 1}
     assert job_counts(output(two_by_two.dry)) == expected
     assert job_counts(output(two_by_two.rerun)) == expected
 
@@ -183,6 +185,8 @@ def test_adding_a_grid_value_plans_only_the_new_branches(two_by_two):
         "quantize": 1,
         "evaluate": 2,
         "card": 2,
+        "history": 2,
+        "compare": 1,
         "all": 1,
     }
 
