@@ -78,8 +78,10 @@ def stage_resources(name):
 
 
 def _resource(by_key, resource):
-    # A resource only some stages of a sweep set (GPUs, a partition) is 0 or "" (unset) for the others.
-    unset = type(next(resources[resource] for resources in by_key.values() if resource in resources))()
+    # A resource only some stages of a sweep set (GPUs, a partition) is 0 or "" (unset) for the others;
+    # tasks, 1: a single-process job in a sweep that also has multi-process ones.
+    kind = type(next(resources[resource] for resources in by_key.values() if resource in resources))
+    unset = 1 if resource == "tasks" else kind()
 
     def value(wildcards, attempt):
         amount = by_key[wildcards.key].get(resource, unset)
