@@ -12,33 +12,15 @@ import argparse
 import json
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from lmforge.workflow import snakemake_command
 
 
 def snakemake(results: Path, cores: int, overrides: list[str]) -> float:
     started = time.perf_counter()
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "snakemake",
-            "--snakefile",
-            str(REPO / "Snakefile"),
-            "--directory",
-            str(results.parent),
-            "--cores",
-            str(cores),
-            "--quiet",
-            "all",
-            "--config",
-            "overrides=" + " ".join([f"run.results_dir={results}", *overrides]),
-        ],
-        check=True,
-    )
+    subprocess.run(snakemake_command(results, overrides, "--cores", str(cores), "--quiet", "all"), check=True)
     return time.perf_counter() - started
 
 

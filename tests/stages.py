@@ -90,3 +90,14 @@ def run_stage(stage: config.Stage, processes: int = 1) -> subprocess.CompletedPr
     if run.returncode != 0:
         raise AssertionError(f"{stage.name} failed:\n{run.stderr[-4000:]}")
     return run
+
+
+def job_counts(snakemake_output: str) -> dict[str, int]:
+    """Jobs per rule from the 'Job stats' table Snakemake prints (header, dashes, rows, then 'total')."""
+    rows = [row.split() for row in snakemake_output.split("Job stats:")[1].splitlines()[3:] if row.strip()]
+    counts = {}
+    for name, count in rows:
+        if name == "total":
+            return counts
+        counts[name] = int(count)
+    raise ValueError("no 'total' row in the Job stats table")

@@ -8,38 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.stages import TINY
+from lmforge.workflow import snakemake_command
+from tests.stages import TINY, job_counts
 
-REPO = Path(__file__).resolve().parents[1]
 OVERRIDES = ["data.max_documents=120", "finetune=lora", *TINY]
 
 
 def snakemake(workdir: Path, *args: str, overrides=()) -> subprocess.CompletedProcess:
-    override_text = " ".join([f"run.results_dir={workdir}/results", *OVERRIDES, *overrides])
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "snakemake",
-            "--snakefile",
-            str(REPO / "Snakefile"),
-            "--directory",
-            str(workdir),
-            "--cores",
-            "2",
-            "--config",
-            f"overrides={override_text}",
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-    )
-
-
-def planned_rules(output: str) -> set[str]:
-    """Rule names from the 'Job stats' table of a dry run (header, dashes, rows, then 'total')."""
-    names = [row.split()[0] for row in output.split("Job stats:")[1].splitlines()[3:] if row.strip()]
-    return set(names[: names.index("total")])
+    command = snakemake_command(workdir / "results", [*OVERRIDES, *overrides], "--cores", "2", *args)
+    return subprocess.run(command, capture_output=True, text=True)
 
 
 @pytest.fixture(scope="module")
@@ -97,12 +74,14 @@ def test_rerun_does_nothing_and_lr_change_reruns_only_training_and_after(pipelin
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
     changed = snakemake(pipeline, "-n", overrides=["train.lr=0.01"])
     assert changed.returncode == 0, changed.stderr
-    assert planned_rules(changed.stdout + changed.stderr) == {
+    assert set(job_counts(changed.stdout + changed.stderr)) == {
         "pretrain",
         "finetune",
         "quantize",
         "evaluate",
         "card",
+        "history",
+        "compare",
         "all",
     }
 
@@ -119,9 +98,30 @@ def test_mlflow_has_a_parent_run_and_one_child_per_stage(pipeline):
     pretrain = next(r for r in children if runs[r] == "pretrain")
     params = dict(db.execute("select key, value from params where run_uuid = ?", (pretrain,)).fetchall())
     assert params["train.lr"] == "0.003"
+    tags = dict(db.execute("select key, value from tags where run_uuid = ?", (pretrain,)).fetchall())
+    [tokenizer] = (pipeline / "results" / "tokenizer").iterdir()
+    assert tags["lmforge.upstream.tokenizer"] == tokenizer.name  # which tokenizer (and so which data) it used
+    summary = dict(db.execute("select key, value from latest_metrics where run_uuid = ?", (parents[0],)).fetchall())
+    assert {"pretrain_test_bpb", "finetune_test_bpb", "exact_match", "pretrain_validation_loss"} <= set(summary)
     steps = db.execute(
         "select count(distinct step) from metrics where run_uuid = ? and key = 'train_loss'", (pretrain,)
     )
     assert steps.fetchone()[0] >= 1
     artifacts = list((pipeline / "results" / "mlartifacts").rglob("manifest.json"))
     assert len(artifacts) == 8
+    plots = {p.name for p in (pipeline / "results" / "report" / "lmforge").iterdir()}
+    assert {"loss_curves.svg", "metrics_vs_params.svg", "configurations.rst"} <= plots
+
+
+@pytest.mark.e2e
+def test_snakemake_report_holds_the_comparison_plots_and_their_configurations(pipeline):
+    report = pipeline / "report.html"
+    run = snakemake(pipeline, "--report", str(report))
+    assert run.returncode == 0, run.stderr[-3000:]
+    html = report.read_text()
+    assert "loss_curves.svg" in html and "metrics_vs_params.svg" in html and "Shared by all" in html
+
+
+def test_wandb_sync_is_planned_only_when_wandb_is_on(tmp_path):
+    assert "wandb_sync" not in job_counts(snakemake(tmp_path, "-n").stdout)
+    assert "wandb_sync" in job_counts(snakemake(tmp_path, "-n", overrides=["run.wandb=true"]).stdout)

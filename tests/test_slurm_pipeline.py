@@ -13,13 +13,13 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from lmforge import config
+from lmforge.workflow import snakemake_command
 from tests.stages import TINY, small_corpus
 
 pytestmark = pytest.mark.slurm
@@ -59,21 +59,10 @@ def overrides(dirs, where: str, *extra: str) -> list[str]:
 
 
 def snakemake_cmd(workdir: Path, ovr: list[str], *targets: str, slurm: bool, args=()) -> list[str]:
-    executor = ["--profile", str(REPO / "profiles" / "slurm")] if slurm else ["--cores", "2"]
-    return [
-        sys.executable,
-        "-m",
-        "snakemake",
-        *targets,
-        *executor,
-        "--snakefile",
-        str(REPO / "Snakefile"),
-        "--directory",
-        str(workdir),
-        *args,
-        "--config",
-        "overrides=" + " ".join(ovr),
-    ]
+    # ovr names run.results_dir=workdir/results too (config.load of the tests needs it): the same value twice.
+    executor = {"profile": REPO / "profiles" / "slurm"} if slurm else {}
+    cores = [] if slurm else ["--cores", "2"]
+    return snakemake_command(workdir / "results", ovr, *targets, *cores, *args, **executor)
 
 
 def run_snakemake(workdir, ovr, *targets, slurm, env=None, timeout=600, args=()):

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lmforge import config, finetune, pretrain, train_loop
+from lmforge import config, finetune, pretrain, train_loop, workflow
 from tests.stages import TINY, plan, run_stage, small_corpus, stage_command
 
 
@@ -175,3 +175,26 @@ def test_compiling_keeps_the_plain_model_state_dict():
 def test_training_options_that_cannot_run_fail_at_planning(overrides, message):
     with pytest.raises(config.ConfigError, match=re.escape(message)):
         config.load(overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [
+        (["resources.pretrain.gpus=1"], {"gpu": 1, "nodes": 1, "tasks": None, "tasks_per_gpu": None}),
+        (["resources.pretrain.gpus=2", "train.processes=2"], {"gpu": 2, "nodes": 1, "tasks": 2, "tasks_per_gpu": 1}),
+        (
+            ["resources.pretrain.gpus=4", "resources.pretrain.nodes=2", "train.processes=8"],
+            {"gpu": 8, "nodes": 2, "tasks": 8, "tasks_per_gpu": 1},
+        ),
+    ],
+)
+def test_training_jobs_ask_slurm_for_one_task_per_gpu(overrides, expected):
+    """`gpus` is per node: the job asks for gpus x nodes GPUs (--gpus) and one task on each (--ntasks-per-gpu=1)."""
+    stage = config.plan(config.load(overrides))["pretrain"]
+    requested = workflow.slurm_resources(stage)
+    assert {key: requested.get(key) for key in expected} == expected
+
+
+def test_gpus_and_processes_must_agree():
+    with pytest.raises(config.ConfigError, match="one process per GPU"):
+        config.load(["resources.pretrain.gpus=2", "resources.pretrain.nodes=2", "train.processes=2"])

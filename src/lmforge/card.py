@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from lmforge import stage, tracking
+from lmforge import stage
 
 ROWS = [  # (label, model key, metric key)
     ("n-gram baseline", "baseline", None),
@@ -176,7 +176,6 @@ Byte-level BPE, vocabulary {tokenizer_metrics["vocab_size"]}, trained on the tra
 """
     )
     tracker.log_artifacts([out / "model" / "README.md", out / "datasheet.md"])
-    tracking.finish_parent(cfg)
     return {"finetune_exact_match_greedy": ft["task_exact_match_chat_greedy"]}
 
 

@@ -14,6 +14,7 @@ import sys
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "doctor": ("lmforge.doctor", "preflight checks of the cluster and a config before submitting"),
+    "runs": ("lmforge.runs", "a sweep's configurations: the params that differ and the key metrics"),
 }
 
 

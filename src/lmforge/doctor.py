@@ -381,7 +381,8 @@ def _check_sqlite(uri: str) -> Result:
     if classify_fs(kind) == "shared":
         return (
             WARN,
-            f"{uri} is on {kind}: SQLite over a network filesystem is unsafe (locking; jobs on several nodes write it)",
+            f"{uri} is on {kind}: SQLite over a network filesystem is unsafe where its locks are not honoured "
+            "(only the local `history` rule writes it, but two Snakemake runs on different login nodes would)",
             "run `mlflow server --backend-store-uri sqlite:////<local disk>/mlflow.db --host 0.0.0.0 --port 5000` "
             "on the login node and set run.mlflow_uri=http://<login node>:5000 (or MLFLOW_TRACKING_URI)",
         )

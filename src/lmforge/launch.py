@@ -1,5 +1,7 @@
 """Start N processes of a training stage: `python -m lmforge.launch N lmforge.pretrain CONFIG OUT`.
 
+Every rule runs its stage through this command; with N = 1 it becomes the stage process (exec).
+
 Inside a Slurm job, `srun -n N` starts one task per GPU and each task reads its rank from Slurm (through
 submitit, in train_loop.setup_distributed); on a workstation or in CI, torch.distributed.run starts them.
 The Snakemake rule asks Slurm for N tasks, so this command itself runs once.
@@ -12,7 +14,9 @@ import sys
 
 def main() -> None:
     processes, module, *args = sys.argv[1:]
-    if os.environ.get("SLURM_JOB_ID") and shutil.which("srun"):
+    if processes == "1":
+        command = [sys.executable, "-m", module, *args]
+    elif os.environ.get("SLURM_JOB_ID") and shutil.which("srun"):
         command = ["srun", f"--ntasks={processes}", sys.executable, "-m", module, *args]
         os.environ["SUBMITIT_EXECUTOR"] = "slurm"  # lets submitit.JobEnvironment read the tasks' Slurm variables
     else:

@@ -3,7 +3,8 @@
 Reads the tokenizer stage's packed token ids (no tokenizer in the loop), trains on blocks of
 `model.max_seq_len` tokens, and writes the final weights as a plain Hugging Face model directory.
 
-Outputs: model/ (save_pretrained, safetensors, with the tokenizer), metrics.json.
+Outputs: model/ (save_pretrained, safetensors, with the tokenizer), metrics.json (final validation loss,
+parameters with and without embeddings, tokens seen).
 """
 
 from __future__ import annotations
@@ -92,6 +93,9 @@ def main(cfg: dict, out: Path, tracker) -> dict:
     final.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
     metrics["parameters"] = sum(p.numel() for p in final.parameters())
+    # N of scaling laws: the parameters outside the token embedding and the output layer.
+    embeddings = final.get_input_embeddings().weight.numel() + final.get_output_embeddings().weight.numel()
+    metrics["non_embedding_parameters"] = metrics["parameters"] - embeddings
     metrics["train_tokens_seen"] = (
         tcfg["steps"] * mb * tcfg["grad_accum"] * int(os.environ["WORLD_SIZE"]) * model_cfg["max_seq_len"]
     )

@@ -3,8 +3,9 @@
 A stage reads its resolved config (written by the Snakefile when it plans the
 DAG), reads the directories named in `config["inputs"]`, and writes its outputs
 into a temporary sibling of OUT_DIR that is renamed into place only when the
-stage succeeded, together with the config snapshot and a manifest (config,
-input hashes, code version, environment, metrics). It is also one MLflow run.
+stage succeeded, together with the config snapshot, a manifest (config,
+input hashes, code version, environment, metrics) and the stage's run record
+(lmforge.tracking), which the local rule `history` copies into MLflow.
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ def run(main: Callable[[dict, Path, object], dict]) -> None:
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
     started = time.time()
-    with tracking.stage_run(cfg, enabled=rank_zero) as tracker:
+    with tracking.stage_run(cfg, work, enabled=rank_zero) as tracker:
         metrics = main(cfg, work, tracker)
         if not rank_zero:
             return
@@ -131,11 +132,13 @@ def run(main: Callable[[dict, Path, object], dict]) -> None:
             "metrics": metrics,
             "started": dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat(),
             "duration_s": round(time.time() - started, 3),
-            "mlflow_run_id": tracker.run_id,
+            "tracking_run_id": tracker.run_id,  # tag lmforge.source_run_id of its MLflow runs
         }
         (work / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
         write_json(work / "manifest.json", manifest)
-        tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        # The stage's summary, except what is already a curve (train_loss): a lone point at step 0 would join it.
+        summary = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k not in tracker.logged}
+        tracker.log_metrics(summary)
         tracker.log_artifacts([work / "config.yaml", work / "manifest.json"])
     shutil.rmtree(out, ignore_errors=True)
     work.rename(out)

@@ -4,7 +4,7 @@ rule baseline:
     output:
         directory(stage_dir("baseline")),
     params:
-        config=stage_config("baseline"),
+        **stage_params("baseline"),
     log:
         stage_log("baseline"),
     conda:

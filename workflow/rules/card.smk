@@ -4,7 +4,7 @@ rule card:
     output:
         directory(stage_dir("card")),
     params:
-        config=stage_config("card"),
+        **stage_params("card"),
     log:
         stage_log("card"),
     conda:

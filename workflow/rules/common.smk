@@ -1,11 +1,14 @@
-# Plans the run: composes the Hydra config once, validates it, and names every
-# stage's directory by its config hash. Rules only wire these paths together.
+# Plans the run: expands a sweep into its configurations (lmforge.sweep; no sweep is one configuration),
+# composes and validates each, and names every stage's directory by its config hash. Stages that
+# configurations share are one job. Rules only wire these paths together; a job finds its stage by {key}.
 import shlex
 import sys
 
 import yaml
 
 from lmforge import config as lmconfig
+from lmforge import sweep as lmsweep
+from lmforge import workflow as lmworkflow
 
 
 def hydra_overrides():
@@ -15,25 +18,26 @@ def hydra_overrides():
 
 
 try:
-    CFG = lmconfig.load(hydra_overrides())
+    SWEEP = lmsweep.plan(hydra_overrides())
 except lmconfig.ConfigError as err:
     raise WorkflowError(f"Invalid lmforge config: {err}") from None
 
-STAGES = lmconfig.plan(CFG)
-RESULTS = CFG.run.results_dir
+STAGES = SWEEP.stages  # stage name -> key -> Stage
+RESULTS = SWEEP.results_dir
 KEY = r"[0-9a-f]{12}"
 
 
 def _write_stage_configs():
     """The resolved config of each stage, the one argument of `python -m lmforge.<stage>`."""
-    for stage in STAGES.values():
-        path = Path(f"{RESULTS}/configs/{stage.name}/{stage.key}.yaml")
-        text = yaml.safe_dump(stage.config, sort_keys=False)
-        if not path.exists() or path.read_text() != text:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(text)
-            tmp.rename(path)
+    for stages in STAGES.values():
+        for stage in stages.values():
+            path = Path(f"{RESULTS}/configs/{stage.name}/{stage.key}.yaml")
+            text = yaml.safe_dump(stage.config, sort_keys=False)
+            if not path.exists() or path.read_text() != text:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(text)
+                tmp.rename(path)
 
 
 _write_stage_configs()
@@ -43,55 +47,62 @@ def stage_dir(name):
     return f"{RESULTS}/{name}/{{key}}"
 
 
+def per_job(name, value):
+    """A function of a job's wildcards: `value(stage)` of the job's own stage, found by its key."""
+    stages = STAGES.get(name, {})
+    return lambda wildcards: value(stages[wildcards.key])
+
+
 def stage_inputs(name):
-    """Input function: the upstream stage directories of stage `name` with key `wildcards.key`."""
-    by_key = {stage.key: stage for stage in STAGES.values() if stage.name == name}
-    return lambda wildcards: by_key[wildcards.key].config["inputs"]
+    """Input function: the upstream stage directories of the job."""
+    return per_job(name, lambda stage: stage.config["inputs"])
 
 
-def stage_config(name):
-    # A param, not an input: the file is rewritten when a non-hashed setting (experiment name) changes.
-    return f"{RESULTS}/configs/{name}/{{key}}.yaml"
+def stage_params(name):
+    # The config is a param, not an input: it is rewritten when a non-hashed setting (experiment name) changes.
+    return {"config": f"{RESULTS}/configs/{name}/{{key}}.yaml", "processes": per_job(name, lambda s: s.processes)}
 
 
 def stage_log(name):
     return f"{RESULTS}/logs/{name}/{{key}}.log"
 
 
-def stage_resources(name, processes=1):
-    """Slurm resources of a stage from the config's `resources` section; runtime grows with each retry."""
-    res = lmconfig.resources(CFG, name)
-    resources = {
-        "mem_mb": res.mem_mb,
-        "runtime": lambda wildcards, attempt: res.runtime * attempt,
-        "cpus_per_task": res.cpus,
-        "nodes": res.nodes,
-    }
-    if res.gpus:
-        resources["gpu"] = res.gpus * res.nodes  # `gpus` is per node; Slurm's --gpus counts the whole job
-    if res.partition:
-        resources["slurm_partition"] = res.partition
-    if processes > 1:
-        # N Slurm tasks, and the plugin's MPI path: the command runs once and lmforge.launch starts the tasks.
-        resources.update(tasks=processes, mpi="srun")
-        if res.gpus:  # one task per GPU; without it the plugin asks for --ntasks-per-gpu=<all tasks>
-            resources["tasks_per_gpu"] = 1
-    if res.signal_before_end_s:
-        # To every process of the job's steps (no "B:"), so the training process itself gets it; requeue after
-        # preemption. No quotes: the plugin pastes slurm_extra into a shell command line. URG, not USR1: the
-        # Snakemake (and torchrun) processes around the trainer get it too; USR1 kills them, URG they ignore.
-        resources["slurm_extra"] = f"--signal=URG@{res.signal_before_end_s} --requeue"
-    return resources
-
-
 def stage_threads(name):
-    return lmconfig.resources(CFG, name).cpus
+    return per_job(name, lambda stage: stage.resources.cpus)
 
 
-def stage_command(name, processes=1):
+def stage_resources(name):
+    """Slurm resources of each job from its own stage's config (configurations of a sweep may differ)."""
+    by_key = {key: lmworkflow.slurm_resources(stage) for key, stage in STAGES.get(name, {}).items()}
+    return {resource: _resource(by_key, resource) for resource in sorted(set().union(*by_key.values()))}
+
+
+def _resource(by_key, resource):
+    # A resource only some stages of a sweep set (GPUs, a partition) is 0 or "" (unset) for the others;
+    # tasks, 1: a single-process job in a sweep that also has multi-process ones.
+    kind = type(next(resources[resource] for resources in by_key.values() if resource in resources))
+    unset = 1 if resource == "tasks" else kind()
+
+    def value(wildcards, attempt):
+        amount = by_key[wildcards.key].get(resource, unset)
+        return amount * attempt if resource == "runtime" else amount  # a retry gets more time
+
+    return value
+
+
+def stage_command(name):
     """The one command every rule runs; torch threads capped at the rule's CPUs per process."""
     # The interpreter running Snakemake: the job uses the same environment without activating it.
     python = shlex.quote(sys.executable)
-    entry = f"lmforge.{name}" if processes == 1 else f"lmforge.launch {processes} lmforge.{name}"
-    threads = "$(( {threads} / %d > 0 ? {threads} / %d : 1 ))" % (processes, processes)
-    return f"OMP_NUM_THREADS={threads} {python} -m {entry} {{params.config}} {{output}} > {{log}} 2>&1"
+    threads = "$(( {threads} / {params.processes} > 0 ? {threads} / {params.processes} : 1 ))"
+    run = f"{python} -m lmforge.launch {{params.processes}} lmforge.{name} {{params.config}} {{output}}"
+    return f"OMP_NUM_THREADS={threads} {run} > {{log}} 2>&1"
+
+
+def configuration_keys():
+    """The run key (the card's key) of every configuration this run plans."""
+    return [run["card"].key for run in SWEEP.runs]
+
+
+# The run section (results, experiment, sweep id, trackers) is the same in every configuration of a sweep.
+RUN = SWEEP.runs[0]["card"].config["run"]

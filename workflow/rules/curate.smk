@@ -2,7 +2,7 @@ rule curate:
     output:
         directory(stage_dir("curate")),
     params:
-        config=stage_config("curate"),
+        **stage_params("curate"),
     log:
         stage_log("curate"),
     conda:

@@ -4,7 +4,7 @@ rule evaluate:
     output:
         directory(stage_dir("evaluate")),
     params:
-        config=stage_config("evaluate"),
+        **stage_params("evaluate"),
     log:
         stage_log("evaluate"),
     conda:

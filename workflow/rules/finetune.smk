@@ -4,15 +4,15 @@ rule finetune:
     output:
         directory(stage_dir("finetune")),
     params:
-        config=stage_config("finetune"),
+        **stage_params("finetune"),
     log:
         stage_log("finetune"),
     conda:
         "../../env/environment.yml"
     threads: stage_threads("finetune")
     resources:
-        **stage_resources("finetune", CFG.finetune.train.processes),
+        **stage_resources("finetune"),
     wildcard_constraints:
         key=KEY,
     shell:
-        stage_command("finetune", CFG.finetune.train.processes)
+        stage_command("finetune")

@@ -4,15 +4,15 @@ rule pretrain:
     output:
         directory(stage_dir("pretrain")),
     params:
-        config=stage_config("pretrain"),
+        **stage_params("pretrain"),
     log:
         stage_log("pretrain"),
     conda:
         "../../env/environment.yml"
     threads: stage_threads("pretrain")
     resources:
-        **stage_resources("pretrain", CFG.train.processes),
+        **stage_resources("pretrain"),
     wildcard_constraints:
         key=KEY,
     shell:
-        stage_command("pretrain", CFG.train.processes)
+        stage_command("pretrain")

@@ -4,7 +4,7 @@ rule quantize:
     output:
         directory(stage_dir("quantize")),
     params:
-        config=stage_config("quantize"),
+        **stage_params("quantize"),
     log:
         stage_log("quantize"),
     conda:

@@ -4,7 +4,7 @@ rule tokenizer:
     output:
         directory(stage_dir("tokenizer")),
     params:
-        config=stage_config("tokenizer"),
+        **stage_params("tokenizer"),
     log:
         stage_log("tokenizer"),
     conda:

@@ -1,0 +1,238 @@
+"""Run history: stage records merged into a real MLflow SQLite store, `lmforge runs`, the comparison report."""
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from lmforge import history, tracking
+from tests.tracked_stage import WRITER_STEPS, record_stage, run_config, writer_loss
+
+REPO = Path(__file__).resolve().parents[1]
+LEARNING_RATES = {"cfg_a": 0.001, "cfg_b": 0.003, "cfg_c": 0.01}
+WRITERS = 16
+MERGERS = 4
+
+
+def record_configuration(root: Path, run_key: str, lr: float, shared: dict[str, Path]) -> dict[str, Path]:
+    """A configuration of a learning-rate sweep that reuses the `shared` curate and tokenizer stages."""
+    run_cfg = run_config(root, run_key)
+    pretrain = record_stage(
+        root,
+        "pretrain",
+        f"pre_{run_key}",
+        run_cfg,
+        {"train": {"lr": lr, "steps": 3}},
+        {"tokenizer": shared["tokenizer"]},
+        curves={"train_loss": [5.0, 4.0 - lr * 100, 3.0 - lr * 100], "validation_loss": [5.5, 4.5, 3.5 - lr * 50]},
+        summary={"parameters": 1000},
+    )
+    evaluate = record_stage(
+        root,
+        "evaluate",
+        f"eval_{run_key}",
+        run_cfg,
+        {"eval": {"few_shot": 1}},
+        {"curate": shared["curate"], "pretrain": pretrain},
+        summary={"pretrain.test_bits_per_byte": 2.0 - lr * 10, "finetune.task_exact_match_chat_greedy": lr * 10},
+    )
+    return {**shared, "pretrain": pretrain, "evaluate": evaluate}
+
+
+def record_shared_stages(root: Path, run_key: str) -> dict[str, Path]:
+    run_cfg = run_config(root, run_key)
+    curate = record_stage(
+        root, "curate", "data0", run_cfg, {"data": {"source": "stdlib"}}, summary={"train_documents": 9}
+    )
+    tokenizer = record_stage(root, "tokenizer", "tok0", run_cfg, {"tokenizer": {"vocab_size": 512}}, {"curate": curate})
+    return {"curate": curate, "tokenizer": tokenizer}
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """Three configurations merged into one store, with the history files the `history` rule writes."""
+    root = tmp_path_factory.mktemp("sweep")
+    shared = record_shared_stages(root, "cfg_a")
+    for run_key, lr in LEARNING_RATES.items():
+        merged = history.merge(record_configuration(root, run_key, lr, shared), run_config(root, run_key))
+        (root / "history").mkdir(exist_ok=True)
+        (root / "history" / f"{run_key}.json").write_text(json.dumps(merged))
+    return root
+
+
+def client_of(root: Path) -> MlflowClient:
+    return MlflowClient(tracking_uri=f"sqlite:///{root}/mlflow.db")
+
+
+def runs_of(client: MlflowClient, experiment: str) -> list:
+    return client.search_runs([client.get_experiment_by_name(experiment).experiment_id], max_results=1000)
+
+
+def test_each_configuration_is_a_parent_with_every_stage_and_its_lineage(sweep):
+    client = client_of(sweep)
+    all_runs = runs_of(client, "lmforge/demo")
+    parents = {
+        r.data.tags["lmforge.run_key"]: r for r in all_runs if r.data.tags.get("lmforge.role") == "configuration"
+    }
+    assert set(parents) == set(LEARNING_RATES)
+    for run_key, parent in parents.items():
+        children = {
+            r.data.tags["lmforge.stage"]: r
+            for r in all_runs
+            if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+        }
+        assert set(children) == {"curate", "tokenizer", "pretrain", "evaluate"}  # shared stages under every parent
+        assert all(c.info.status == "FINISHED" for c in children.values()) and parent.info.status == "FINISHED"
+        evaluate = children["evaluate"].data.tags
+        assert (
+            evaluate["lmforge.upstream.pretrain"] == f"pre_{run_key}" and evaluate["lmforge.upstream.curate"] == "data0"
+        )
+        assert evaluate["lmforge.upstream_run.pretrain"] == children["pretrain"].info.run_id
+        assert parent.data.params["train.lr"] == str(LEARNING_RATES[run_key])
+        assert parent.data.params["tokenizer.vocab_size"] == "512"  # the parent carries the whole configuration
+        assert parent.data.metrics["pretrain_test_bpb"] == pytest.approx(2.0 - LEARNING_RATES[run_key] * 10)
+        pretrain = children["pretrain"]
+        history_points = client.get_metric_history(pretrain.info.run_id, "train_loss")
+        assert [p.step for p in sorted(history_points, key=lambda p: p.step)] == [1, 2, 3]
+        assert pretrain.data.metrics["parameters"] == 1000
+        artifacts = {a.path for a in client.list_artifacts(pretrain.info.run_id)}
+        assert artifacts == {"config.yaml", "manifest.json"}
+
+
+def test_merging_again_adds_nothing(sweep):
+    client = client_of(sweep)
+    before = sorted(r.info.run_id for r in runs_of(client, "lmforge/demo"))
+    stages = history.configuration_stages(sweep / "evaluate" / "eval_cfg_b")
+    assert list(stages) == ["curate", "tokenizer", "pretrain", "evaluate"]
+    merged = history.merge(stages, run_config(sweep, "cfg_b"))
+    assert sorted(r.info.run_id for r in runs_of(client, "lmforge/demo")) == before
+    assert set(merged["runs"].values()) <= set(before)
+    points = client.get_metric_history(merged["runs"]["pretrain"], "train_loss")
+    assert len(points) == 3
+    assert len(client.get_metric_history(merged["parent_run_id"], "exact_match")) == 1
+
+
+def test_a_copy_that_died_halfway_or_a_rerun_stage_is_replaced(tmp_path):
+    stages = record_configuration(tmp_path, "cfg_x", 0.001, record_shared_stages(tmp_path, "cfg_x"))
+    run_cfg = run_config(tmp_path, "cfg_x")
+    merged = history.merge(stages, run_cfg)
+    client = client_of(tmp_path)
+    client.delete_run(merged["runs"]["pretrain"])
+    half = client.create_run(  # what a merge that died after creating the run leaves: RUNNING, no metrics
+        merged["experiment_id"],
+        tags={"mlflow.parentRunId": merged["parent_run_id"], "lmforge.run_key": "cfg_x", "lmforge.stage": "pretrain"},
+    )
+    again = history.merge(stages, run_cfg)
+    assert client.get_run(half.info.run_id).info.lifecycle_stage == "deleted"
+    assert len(client.get_metric_history(again["runs"]["pretrain"], "validation_loss")) == 3
+
+    record_stage(
+        tmp_path, "tokenizer", "tok0", run_cfg, {"tokenizer": {"vocab_size": 512}}, {"curate": stages["curate"]}
+    )
+    rerun = history.merge(stages, run_cfg)
+    assert rerun["runs"]["tokenizer"] != again["runs"]["tokenizer"]
+    assert client.get_run(again["runs"]["tokenizer"]).info.lifecycle_stage == "deleted"
+    assert {k: v for k, v in rerun["runs"].items() if k != "tokenizer"} == {
+        k: v for k, v in again["runs"].items() if k != "tokenizer"
+    }
+
+
+def start(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)])}
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.tracked_stage", *args], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True
+    )
+
+
+def test_16_concurrent_jobs_lose_no_run_and_no_metric(tmp_path):
+    """16 jobs record their stage at once, then 4 `history` merges (local jobs, run in parallel) fill one SQLite
+    store at once; every run and every step of every metric must arrive."""
+    started = time.time()
+    for phase in (
+        [start("record", str(tmp_path), str(i)) for i in range(WRITERS)],
+        [start("merge", str(tmp_path), *map(str, range(first, WRITERS, MERGERS))) for first in range(MERGERS)],
+    ):
+        for job in phase:
+            assert job.wait(timeout=300) == 0, job.stderr.read()[-3000:]
+    print(f"{WRITERS} writers, {MERGERS} merges: {time.time() - started:.1f} s")
+    client = client_of(tmp_path)
+    all_runs = runs_of(client, "lmforge/writers")
+    parents = {r.info.run_id: r.data.tags["lmforge.run_key"] for r in all_runs if "lmforge.role" in r.data.tags}
+    children = [r for r in all_runs if "lmforge.role" not in r.data.tags]
+    assert sorted(parents.values()) == [f"config{i:02d}" for i in range(WRITERS)]
+    assert len(children) == WRITERS
+    for child in children:
+        index = int(parents[child.data.tags["mlflow.parentRunId"]].removeprefix("config"))
+        assert child.data.params["train.lr"] == str(index / 1000)
+        points = sorted(client.get_metric_history(child.info.run_id, "train_loss"), key=lambda p: p.step)
+        assert [(p.step, p.value) for p in points] == [
+            (step, writer_loss(index, step)) for step in range(1, WRITER_STEPS + 1)
+        ]
+
+
+def lmforge_runs(root: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    command = [sys.executable, "-m", "lmforge.cli", "runs", f"run.results_dir={root}", "run.sweep=demo", *args]
+    return subprocess.run(command, capture_output=True, text=True, env=env)
+
+
+def test_lmforge_runs_prints_the_swept_params_and_metrics_sorted(sweep):
+    text = lmforge_runs(sweep, "--sort", "exact_match", "--descending")
+    assert text.returncode == 0, text.stderr
+    lines = text.stdout.splitlines()
+    assert lines[0] == "lmforge/demo: 3 configurations"
+    assert lines[1].split() == [
+        "run_key",
+        "train.lr",
+        "pretrain_train_loss",
+        "pretrain_validation_loss",
+        "pretrain_test_bpb",
+        "exact_match",
+    ]
+    assert [line.split()[0] for line in lines[3:]] == ["cfg_c", "cfg_b", "cfg_a"]
+
+    table = lmforge_runs(sweep, "--csv", "--sort", "train.lr")
+    rows = list(csv.DictReader(io.StringIO(table.stdout)))
+    assert [row["run_key"] for row in rows] == ["cfg_a", "cfg_b", "cfg_c"]
+    assert float(rows[2]["pretrain_validation_loss"]) == pytest.approx(3.5 - 0.01 * 50)
+    assert float(rows[0]["exact_match"]) == pytest.approx(0.01)
+
+    wrong = lmforge_runs(sweep, "--sort", "loss")
+    assert wrong.returncode == 2 and "Columns: run_key, train.lr" in wrong.stderr
+
+
+def test_report_plots_the_configurations(sweep, tmp_path):
+    out = tmp_path / "report"
+    histories = sorted(str(p) for p in (sweep / "history").iterdir())
+    run = subprocess.run(
+        [sys.executable, "-m", "lmforge.report", str(out), *histories],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "3 configurations of lmforge/demo, swept: train.lr" in run.stdout
+    for plot in ("loss_curves.svg", "metrics_vs_params.svg"):
+        svg = (out / plot).read_text()
+        assert svg.lstrip().startswith("<?xml") and svg.count("<path") > 10
+    caption = (out / "configurations.rst").read_text()
+    assert "cfg_a" in caption and "0.003" in caption and "tokenizer.vocab_size: 512" in caption
+    assert (out / "runs.csv").read_text().splitlines()[0].startswith("run_key,train.lr,")
+
+
+def test_wandb_logs_offline_where_wandb_sync_finds_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run_cfg = {**run_config(tmp_path, "cfg_w"), "wandb": True}
+    stage_dir = record_stage(
+        tmp_path, "pretrain", "pre_w", run_cfg, {"train": {"lr": 0.1}}, curves={"train_loss": [2, 1]}
+    )
+    [offline] = (stage_dir / tracking.RECORD_DIR / "wandb").glob("offline-run-*")
+    assert list(offline.glob("*.wandb"))  # what `wandb sync` (the wandb_sync rule) uploads
