@@ -8,6 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -93,27 +94,32 @@ def test_finetuning_any_local_hugging_face_model(prepared, tmp_path):
     assert finetune.end_of_turn_ids(tuned) == [tuned.eos_token_id]
 
 
-def test_interrupted_training_resumes_to_identical_weights(prepared):
+@pytest.mark.parametrize("processes,zero", [(1, 0), (2, 3)])
+def test_interrupted_training_resumes_to_identical_weights(prepared, processes, zero):
     root, base = prepared
-    stage = plan(root / "results", [*base, "train.steps=60", "train.checkpoint_every=5", "train.eval_every=30"])[
+    overrides = ["train.steps=60", "train.checkpoint_every=5", "train.eval_every=30"]
+    stage = plan(root / "results", [*base, *overrides, f"train.processes={processes}", f"train.zero_stage={zero}"])[
         "pretrain"
     ]
     checkpoints = Path(stage.config["run"]["checkpoint_dir"])
-    run_stage(stage)
+    run_stage(stage, processes)
     uninterrupted = weights(stage)
     shutil.rmtree(stage.dir)
     shutil.rmtree(checkpoints)
 
-    job = subprocess.Popen(stage_command(stage), stderr=subprocess.PIPE, text=True)
+    job = subprocess.Popen(stage_command(stage, processes), stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (checkpoints / "latest").exists() and time.time() < deadline:
         time.sleep(0.01)
-    job.send_signal(signal.SIGUSR1)  # what Slurm sends before the walltime
+    # What Slurm sends before the walltime. With torchrun, only the last rank gets it: the ranks must still
+    # agree to stop at the same step, as when Slurm's signal reaches its tasks during different steps.
+    ranks = psutil.Process(job.pid).children() if processes > 1 else [psutil.Process(job.pid)]
+    ranks[-1].send_signal(signal.SIGUSR1)
     _, err = job.communicate(timeout=120)
     assert job.returncode != 0 and "SIGUSR1 received" in err, err[-2000:]
     assert not Path(stage.dir).exists()
 
-    run = run_stage(stage)  # the resubmitted job
+    run = run_stage(stage, processes)  # the resubmitted job
     assert "resumed from" in run.stderr
     resumed = weights(stage)
     assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted)

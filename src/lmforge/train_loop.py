@@ -152,15 +152,27 @@ LOG_EVERY = 10  # steps between log lines; logging reads the loss, which waits f
 
 
 class StopRequested:
-    """Remembers SIGURG/SIGUSR1/SIGTERM so the loop can checkpoint at the next step boundary."""
+    """Remembers SIGURG/SIGUSR1/SIGTERM so that every rank checkpoints and stops at the same step boundary.
+
+    Slurm signals all tasks, but each may get it during a different step; a rank that stopped alone would
+    leave the others waiting in a collective. So the ranks agree each step, over a gloo group: a CPU
+    all-reduce of one integer, which does not wait for the GPU.
+    """
 
     def __init__(self):
         self.signal = None
+        self.group = torch.distributed.new_group(backend="gloo")
         for sig in (signal.SIGURG, signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
         self.signal = signal.Signals(signum).name
+
+    def agreed(self) -> bool:
+        """Whether any rank has been signalled."""
+        flag = torch.tensor([self.signal is not None], dtype=torch.int32)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self.group)
+        return bool(flag.item())
 
 
 def _rng_state() -> dict:
@@ -259,10 +271,12 @@ def train(
         if done % tcfg["eval_every"] == 0 or done == tcfg["steps"]:
             metrics["validation_loss"] = validation_loss()
             tracker.log_metrics({"validation_loss": metrics["validation_loss"]}, step=done)
-        if stop.signal is not None or done % tcfg["checkpoint_every"] == 0 or done == tcfg["steps"]:
+        stopping = stop.agreed()
+        if stopping or done % tcfg["checkpoint_every"] == 0 or done == tcfg["steps"]:
             save(done)
-        if stop.signal is not None:
-            sys.exit(f"{stop.signal} received: checkpoint saved at step {done} in {checkpoint_dir}; rerun to resume")
+        if stopping:
+            received = f"{stop.signal} received" if stop.signal else "another rank was signalled"
+            sys.exit(f"{received}: checkpoint saved at step {done} in {checkpoint_dir}; rerun to resume")
         if done % tcfg["eval_every"] == 0 or done % tcfg["checkpoint_every"] == 0:
             last_time = time.perf_counter()  # throughput counts training steps, not evaluation or checkpoints
 
