@@ -44,6 +44,7 @@ LORA = {
     "dropout": 0.0,
     "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
 }
+LEARNING_RATE = {"lora": 1e-3, "qlora": 1e-3, "full": 5e-5}  # QLoRA: LoRA's adapters and rate, on an NF4 base
 
 
 def convert_gguf(gguf: Path, out: Path) -> None:
@@ -78,6 +79,7 @@ def main() -> None:
     parser.add_argument("--model-dir", type=Path, required=True)
     parser.add_argument("--task", type=Path, required=True, help="the curate stage's task/ directory")
     parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--methods", nargs="+", choices=list(LEARNING_RATE), default=["lora", "full"])
     args = parser.parse_args()
     if args.gguf:
         convert_gguf(args.gguf, args.model_dir)
@@ -109,7 +111,8 @@ def main() -> None:
     del model
 
     examples = [finetune.sft_example(tokenizer, p, 256) for p in task["train"]]
-    for method, lr in (("lora", 1e-3), ("full", 5e-5)):
+    for method in args.methods:
+        lr = LEARNING_RATE[method]
         model = finetune.load_trainable(base, {"method": method, "lora": LORA}).cuda().train()
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
         order, started = torch.Generator().manual_seed(0), time.time()
