@@ -58,19 +58,21 @@ def code_version() -> dict:
     commit = git("rev-parse", "HEAD")
     status = git("status", "--porcelain", "--untracked-files=no")
     return {
-        "lmforge": importlib.metadata.version("lmforge"),
+        "lmforge": package_version("lmforge"),  # None when run from the source tree (PYTHONPATH=src)
         "git_commit": commit.strip() if commit else None,
         "git_dirty": bool(status.strip()) if status is not None else None,
     }
 
 
+def package_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def environment() -> dict:
-    versions = {}
-    for name in PACKAGES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
+    versions = {name: package_version(name) for name in PACKAGES}
     return {
         "python": sys.version.split()[0],
         "platform": platform.platform(),
