@@ -6,12 +6,13 @@
 #   snakemake --profile profiles/local -n --config overrides="finetune=qlora resources.finetune.gpus=1 run.results_dir=.qs/results"
 #
 # then, with lmforge's dependencies importable on the GPU machine:   bash benchmarks/stages_on_gpu.sh .qs/results
+# (STAGES="curate tokenizer pretrain" runs only those, in that order.)
 # Each stage runs as a job would (python -m lmforge.launch 1 lmforge.<stage> CONFIG OUT); prints each stage's
 # manifest metrics and the evaluation table. Measured runs: benchmarks/results/gpu-h200.txt.
 set -euo pipefail
 results=$1
 mkdir -p "$results/logs"
-for stage in curate tokenizer baseline pretrain finetune quantize evaluate card; do
+for stage in ${STAGES:-curate tokenizer baseline pretrain finetune quantize evaluate card}; do
   for config in "$results"/configs/$stage/*.yaml; do
     key=$(basename "$config" .yaml)
     started=$SECONDS
@@ -22,6 +23,7 @@ for stage in curate tokenizer baseline pretrain finetune quantize evaluate card;
     echo "$stage $key $((SECONDS - started)) s $(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["metrics"])' "$results/$stage/$key/manifest.json")"
   done
 done
+[[ -n "${STAGES:-}" ]] && exit 0
 python3 - "$results" <<'PY'
 import glob, json, sys
 from transformers import AutoModelForCausalLM, AutoTokenizer
