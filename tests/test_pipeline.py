@@ -36,12 +36,17 @@ def test_every_stage_writes_its_outputs_and_manifest(pipeline):
         assert (
             manifest["stage"] == stage and manifest["code"]["lmforge"] and manifest["environment"]["packages"]["torch"]
         )
+        assert manifest["environment"]["device"]
         assert all(len(i["sha256"]) == 64 for i in manifest["inputs"].values())
     [curated] = (results / "curate").iterdir()
     assert (curated / "datasheet.md").exists() and (curated / "data" / "test.parquet").exists()
     [card] = (results / "card").iterdir()
     readme = (card / "model" / "README.md").read_text()
     assert readme.startswith("---") and "model-index" in readme and "exact_match" in readme
+    [pretrained] = [p for p in (results / "pretrain").iterdir() if p.is_dir()]
+    trained = json.loads((pretrained / "manifest.json").read_text())["metrics"]
+    compute = 6 * trained["non_embedding_parameters"] * trained["train_tokens_seen"]  # C = 6·N·D
+    assert "## Compute" in readme and f"{compute:.2e} FLOPs" in readme
     assert "## Limitations" in (card / "datasheet.md").read_text()
     [evaluation] = (results / "evaluate").iterdir()
     report = json.loads((evaluation / "results.json").read_text())

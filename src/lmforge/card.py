@@ -43,6 +43,30 @@ def evaluation_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def compute_table(manifests: dict) -> str:
+    """Hardware, wall time and device-hours of the training stages, and pretraining's compute as 6·N·D."""
+    lines = [
+        "| stage | hardware | processes | wall time | device-hours | training compute |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in ("pretrain", "finetune"):
+        manifest = manifests[name]
+        config = manifest["config"]
+        processes = (config["train"] if name == "pretrain" else config["finetune"]["train"])["processes"]
+        metrics, seconds = manifest["metrics"], manifest["duration_s"]
+        flops = (
+            f"{6 * metrics['non_embedding_parameters'] * metrics['train_tokens_seen']:.2e} FLOPs "
+            f"(6 × {metrics['non_embedding_parameters']:,} parameters × {metrics['train_tokens_seen']:,} tokens)"
+            if name == "pretrain"
+            else "not estimated"
+        )
+        lines.append(
+            f"| {name} | {manifest['environment'].get('device', 'not recorded')} | {processes} | {seconds:.0f} s "
+            f"| {seconds * processes / 3600:.3f} | {flops} |"
+        )
+    return "\n".join(lines)
+
+
 def link_tree(source: Path, target: Path) -> None:
     """Hard links where the filesystem allows (no extra quota), copies elsewhere."""
     target.mkdir(parents=True)
@@ -142,6 +166,13 @@ print(tokenizer.decode(model.generate(prompt, max_new_tokens=8)[0]))
 {evaluation}
 
 {settings}
+
+## Compute
+{compute_table(manifests)}
+
+Wall time is the whole stage's (loading, training, validation, checkpoints, export); device-hours are
+processes × wall time. Energy was not measured: the device-hours times the devices' power draw give an
+estimate.
 
 ## Limitations
 {limitations}

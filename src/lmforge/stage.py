@@ -71,11 +71,26 @@ def package_version(name: str) -> str | None:
         return None
 
 
+def device_name() -> str:
+    """The GPU the stage ran on, else the CPU's model name: the hardware a model card reports."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "CPU"
+
+
 def environment() -> dict:
     versions = {name: package_version(name) for name in PACKAGES}
     return {
         "python": sys.version.split()[0],
         "platform": platform.platform(),
+        "device": device_name(),
         "hostname": socket.gethostname(),
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
