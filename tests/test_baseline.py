@@ -1,5 +1,9 @@
+import math
+import statistics
+
 import numpy as np
 
+from lmforge import heldout
 from lmforge.baseline import NGramModel
 
 
@@ -19,3 +23,13 @@ def test_higher_order_fits_structured_text_better():
     pattern = np.tile(np.array([1, 2, 3, 4, 1, 2, 5, 6], dtype=np.uint16), 500)
     nll = {order: -NGramModel(pattern, order, 0.75, 8).log_probs(pattern[:64]).sum() for order in (1, 2, 3)}
     assert nll[3] < nll[2] < nll[1]
+
+
+def test_exact_match_reports_the_standard_error_of_the_hit_rate():
+    pairs = [{"name": f"name_{i}"} for i in range(131)]
+    names = ["name_0", "name_1", *["wrong"] * 129]
+    score = heldout.exact_match(names, pairs)
+    hits = [1.0, 1.0, *[0.0] * 129]
+    assert score["rate"] == 2 / 131
+    assert math.isclose(score["stderr"], statistics.stdev(hits) / math.sqrt(131))  # lm-evaluation-harness's stderr
+    assert heldout.exact_match(["a"], [{"name": "b"}])["rate"] == 0.0

@@ -27,6 +27,10 @@ ROWS = [  # (label, model key, metric key)
 ]
 
 
+def with_error(metrics: dict, key: str) -> str:
+    return f"{metrics[key]:.3f} ± {metrics[key + '_stderr']:.3f}"
+
+
 def evaluation_table(results: dict) -> str:
     lines = [
         "| model | test bits/byte | test perplexity | exact match, greedy | exact match, sampled |",
@@ -35,10 +39,10 @@ def evaluation_table(results: dict) -> str:
     for label, key, prompting in ROWS:
         m = results["models"][key]
         if prompting is None:
-            greedy, sampled = f"{m['task_exact_match']:.3f} (first-word heuristic)", "n/a"
+            greedy, sampled = f"{with_error(m, 'task_exact_match')} (first-word heuristic)", "n/a"
         else:
-            greedy = f"{m[f'task_exact_match_{prompting}_greedy']:.3f}"
-            sampled = f"{m[f'task_exact_match_{prompting}_sampled']:.3f}"
+            greedy = with_error(m, f"task_exact_match_{prompting}_greedy")
+            sampled = with_error(m, f"task_exact_match_{prompting}_sampled")
         lines.append(f"| {label} | {m['test_bits_per_byte']:.3f} | {m['test_perplexity']:.2f} | {greedy} | {sampled} |")
     return "\n".join(lines)
 

@@ -3,7 +3,7 @@
 For the pretrained, fine-tuned and quantized models (the baseline's figures come from its own stage), and
 for the fine-tuning's base model when that is not the pipeline's own pretrained model:
   - test perplexity and bits per byte on the test documents (chunks of the model's context length);
-  - task exact match, docstring -> function name, with greedy decoding and with seeded sampling
+  - task exact match (with its standard error), docstring -> function name, with greedy decoding and with seeded sampling
     (temperature, top-k, top-p from config). Models before fine-tuning are prompted zero-shot and few-shot
     with code-style prompts; the fine-tuned models with their chat template.
 
@@ -80,10 +80,6 @@ def code_prompts(tokenizer, pairs: list[dict], shots: list[dict], eval_cfg: dict
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
-def exact_match(names: list[str], pairs: list[dict]) -> float:
-    return sum(n == p["name"] for n, p in zip(names, pairs)) / max(len(pairs), 1)
-
-
 def main(cfg: dict, out: Path, tracker) -> dict:
     eval_cfg, inputs, seed = cfg["eval"], cfg["inputs"], cfg["seed"]
     pairs = heldout.task_pairs(inputs["curate"], "test", eval_cfg["max_task_examples"])
@@ -92,7 +88,8 @@ def main(cfg: dict, out: Path, tracker) -> dict:
     n_bytes = sum(len(t.encode()) for t in texts)
 
     baseline = json.loads(Path(inputs["baseline"], "metrics.json").read_text())
-    results = {"baseline": {k: baseline[k] for k in ("test_perplexity", "test_bits_per_byte", "task_exact_match")}}
+    copied = ("test_perplexity", "test_bits_per_byte", "task_exact_match", "task_exact_match_stderr")
+    results = {"baseline": {k: baseline[k] for k in copied}}
     predictions = []
     model_dirs = {name: f"{inputs[name]}/model" for name in ("pretrain", "finetune", "quantize")}
     base = yaml.safe_load(Path(inputs["finetune"], "config.yaml").read_text())["finetune"]["base"]
@@ -113,7 +110,9 @@ def main(cfg: dict, out: Path, tracker) -> dict:
         for prompting, prompts in prompt_sets.items():
             for decoding in ("greedy", "sampled"):
                 names = generate_names(model, tokenizer, prompts, eval_cfg, decoding == "sampled", seed)
-                metrics[f"task_exact_match_{prompting}_{decoding}"] = exact_match(names, pairs)
+                score = heldout.exact_match(names, pairs)
+                metrics[f"task_exact_match_{prompting}_{decoding}"] = score["rate"]
+                metrics[f"task_exact_match_{prompting}_{decoding}_stderr"] = score["stderr"]
                 predictions += [
                     {"model": name, "prompting": prompting, "decoding": decoding, "name": p["name"], "predicted": n}
                     for n, p in zip(names, pairs)

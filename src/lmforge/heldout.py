@@ -37,3 +37,11 @@ def identifier(text: str) -> str:
     """The first Python identifier in generated text: what the model named the function."""
     match = re.match(r"\s*([A-Za-z_][A-Za-z0-9_]*)", text)
     return match.group(1) if match else ""
+
+
+def exact_match(names: list[str], pairs: list[dict]) -> dict:
+    """Exact-match rate and its standard error: the hits' sample standard deviation over √n, as
+    lm-evaluation-harness reports it. With 131 test pairs one hit is 0.76%, so compare within the errors."""
+    n = len(pairs)
+    rate = sum(name == pair["name"] for name, pair in zip(names, pairs)) / max(n, 1)
+    return {"rate": rate, "stderr": math.sqrt(rate * (1 - rate) / (n - 1)) if n > 1 else math.nan}
