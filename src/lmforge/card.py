@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 import yaml
-from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData, try_to_load_from_cache
 
 from lmforge import stage
 
@@ -44,6 +44,29 @@ def evaluation_table(results: dict) -> str:
             greedy = with_error(m, f"task_exact_match_{prompting}_greedy")
             sampled = with_error(m, f"task_exact_match_{prompting}_sampled")
         lines.append(f"| {label} | {m['test_bits_per_byte']:.3f} | {m['test_perplexity']:.2f} | {greedy} | {sampled} |")
+    return "\n".join(lines)
+
+
+def base_model_license(base: str) -> str | None:
+    """The licence in a base model's own card: a local directory's README.md, or the Hub cache's copy (no
+    download: compute nodes are offline). None when there is no card or it names no licence."""
+    local = Path(base, "README.md")
+    cached = try_to_load_from_cache(base, "README.md") if not Path(base).exists() else None
+    path = local if local.exists() else Path(cached) if isinstance(cached, str) else None
+    return ModelCard.load(path, ignore_metadata_errors=True).data.license if path else None
+
+
+def licences(data_cfg: dict, finetune_cfg: dict, model_license: str) -> str:
+    lines = [f"- Training data: {data_cfg['name']}, {data_cfg['license']}."]
+    if finetune_cfg["base"] != "pretrain":
+        base_license = base_model_license(finetune_cfg["base"])
+        lines.append(f"- Base model `{finetune_cfg['base']}`: {base_license or 'no licence found in its card'}.")
+        if base_license != model_license:
+            lines.append(
+                f"- This card says `{model_license}` (`card.license`), which is not the base model's licence: "
+                "a fine-tuned model is a derivative of its base, so check that its terms allow this one."
+            )
+    lines.append(f"- This model: {model_license}.")
     return "\n".join(lines)
 
 
@@ -170,6 +193,9 @@ print(tokenizer.decode(model.generate(prompt, max_new_tokens=8)[0]))
 {evaluation}
 
 {settings}
+
+## Licences
+{licences(data_cfg, finetune_cfg, card_cfg["license"])}
 
 ## Compute
 {compute_table(manifests)}
