@@ -88,8 +88,10 @@ def main(cfg: dict, out: Path, tracker) -> dict:
     n_bytes = sum(len(t.encode()) for t in texts)
 
     baseline = json.loads(Path(inputs["baseline"], "metrics.json").read_text())
-    copied = ("test_perplexity", "test_bits_per_byte", "task_exact_match", "task_exact_match_stderr")
-    results = {"baseline": {k: baseline[k] for k in copied}}
+    results = {"baseline": {k: baseline[k] for k in ("test_perplexity", "test_bits_per_byte", "task_exact_match")}}
+    results["baseline"]["task_exact_match_stderr"] = heldout.standard_error(
+        baseline["task_exact_match"], baseline["task_examples"]
+    )
     predictions = []
     model_dirs = {name: f"{inputs[name]}/model" for name in ("pretrain", "finetune", "quantize")}
     base = yaml.safe_load(Path(inputs["finetune"], "config.yaml").read_text())["finetune"]["base"]
@@ -110,9 +112,9 @@ def main(cfg: dict, out: Path, tracker) -> dict:
         for prompting, prompts in prompt_sets.items():
             for decoding in ("greedy", "sampled"):
                 names = generate_names(model, tokenizer, prompts, eval_cfg, decoding == "sampled", seed)
-                score = heldout.exact_match(names, pairs)
-                metrics[f"task_exact_match_{prompting}_{decoding}"] = score["rate"]
-                metrics[f"task_exact_match_{prompting}_{decoding}_stderr"] = score["stderr"]
+                rate = heldout.exact_match(names, pairs)
+                metrics[f"task_exact_match_{prompting}_{decoding}"] = rate
+                metrics[f"task_exact_match_{prompting}_{decoding}_stderr"] = heldout.standard_error(rate, len(pairs))
                 predictions += [
                     {"model": name, "prompting": prompting, "decoding": decoding, "name": p["name"], "predicted": n}
                     for n, p in zip(names, pairs)

@@ -39,9 +39,11 @@ def identifier(text: str) -> str:
     return match.group(1) if match else ""
 
 
-def exact_match(names: list[str], pairs: list[dict]) -> dict:
-    """Exact-match rate and its standard error: the hits' sample standard deviation over √n, as
+def exact_match(names: list[str], pairs: list[dict]) -> float:
+    return sum(name == pair["name"] for name, pair in zip(names, pairs)) / max(len(pairs), 1)
+
+
+def standard_error(rate: float, n: int) -> float:
+    """Of an exact-match rate over n examples: the hits' sample standard deviation over √n, as
     lm-evaluation-harness reports it. With 131 test pairs one hit is 0.76%, so compare within the errors."""
-    n = len(pairs)
-    rate = sum(name == pair["name"] for name, pair in zip(names, pairs)) / max(n, 1)
-    return {"rate": rate, "stderr": math.sqrt(rate * (1 - rate) / (n - 1)) if n > 1 else math.nan}
+    return math.sqrt(rate * (1 - rate) / (n - 1)) if n > 1 else math.nan
