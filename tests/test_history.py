@@ -13,6 +13,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from lmforge import history, tracking
+from lmforge import sweep as lmforge_sweep
 from tests.tracked_stage import WRITER_STEPS, record_stage, run_config, writer_loss
 
 REPO = Path(__file__).resolve().parents[1]
@@ -177,10 +178,11 @@ def test_16_concurrent_jobs_lose_no_run_and_no_metric(tmp_path):
         ]
 
 
-def lmforge_runs(root: Path, *args: str) -> subprocess.CompletedProcess:
+def lmforge_runs(root: Path, *args: str, sweep_name: str | None = "demo") -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     env.pop("MLFLOW_TRACKING_URI", None)
-    command = [sys.executable, "-m", "lmforge.cli", "runs", f"run.results_dir={root}", "run.sweep=demo", *args]
+    named = [f"run.sweep={sweep_name}"] if sweep_name else []
+    command = [sys.executable, "-m", "lmforge.cli", "runs", f"run.results_dir={root}", *named, *args]
     return subprocess.run(command, capture_output=True, text=True, env=env)
 
 
@@ -207,6 +209,14 @@ def test_lmforge_runs_prints_the_swept_params_and_metrics_sorted(sweep):
 
     wrong = lmforge_runs(sweep, "--sort", "loss")
     assert wrong.returncode == 2 and "Columns: run_key, train.lr" in wrong.stderr
+
+
+def test_lmforge_runs_takes_the_sweep_overrides_the_pipeline_ran_with(sweep):
+    named = lmforge_runs(sweep, "train.lr=0.001,0.003,0.01")  # with run.sweep=demo, as the fixture's sweep
+    assert named.returncode == 0 and named.stdout.startswith("lmforge/demo: 3 configurations"), named.stderr
+    unnamed = lmforge_runs(sweep, "train.lr=0.001,0.003", sweep_name=None)
+    sweep_id, _ = lmforge_sweep.expand(["train.lr=0.001,0.003"])
+    assert unnamed.returncode == 1 and f"no experiment 'lmforge/{sweep_id}'" in unnamed.stderr
 
 
 def test_report_plots_the_configurations(sweep, tmp_path):

@@ -1,11 +1,12 @@
 """A table of a sweep's configurations: the params that differ between them and their headline metrics.
 
     lmforge runs                                   # the default experiment
+    lmforge runs train.lr=1e-4,3e-4,1e-3           # the sweep that these overrides ran
     lmforge runs run.sweep=lr --sort finetune_test_bpb
     lmforge runs run.sweep=lr --csv > lr.csv
 
 Reads the central MLflow store (filled by the `history` rule); overrides are the
-same Hydra overrides the pipeline ran with, to find the store and the sweep.
+same Hydra overrides the pipeline ran with, sweeps included, to find the store and the sweep.
 """
 
 from __future__ import annotations
@@ -106,10 +107,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
-    from lmforge import config
+    from lmforge import config, sweep
 
     try:
-        run_cfg = OmegaConf.to_container(config.load(args.overrides).run, resolve=True)
+        _, configurations = sweep.expand(args.overrides)  # a sweep's id, as the pipeline named its experiment
+        run_cfg = OmegaConf.to_container(config.load(configurations[0]).run, resolve=True)
     except config.ConfigError as err:
         print(f"lmforge runs: config error: {err}", file=sys.stderr)
         return 2
