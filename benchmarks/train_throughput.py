@@ -27,7 +27,7 @@ Measured (every command and its output verbatim: benchmarks/results/gpu-h200.txt
       python3 benchmarks/train_throughput.py --steps 20 model=llama_350m
         tokens/s=172,137 mfu=0.409 peak_mem_gib=40.1
       python3 benchmarks/train_throughput.py --steps 20 model=llama_1b train.micro_batch_size=8
-        step 20 tokens_per_second=6.123e+04 mfu=0.4529       (seq 2048)
+        tokens/s=61,014 mfu=0.451 peak_mem_gib=43.2             (seq 2048)
 """
 
 from __future__ import annotations
