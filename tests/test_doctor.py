@@ -220,7 +220,8 @@ def _fake_slurm(monkeypatch, answers: dict[str, tuple[int, str]]) -> None:
 
 
 def _context(*overrides: str) -> doctor.Context:
-    return doctor.Context(doctor.config.load(list(overrides)))
+    _, configurations = doctor.sweep.expand(list(overrides))
+    return doctor.Context(doctor.config.load_many(configurations))
 
 
 def test_gpu_stage_on_partition_without_gpus_fails(monkeypatch):
@@ -244,6 +245,28 @@ def test_base_model_must_be_local_or_cached(monkeypatch, tmp_path):
     assert doctor.check_base_model(_context(f"finetune.base={tmp_path}"))[0] == "OK"
     status, seen, fix = doctor.check_base_model(_context("finetune.base=HuggingFaceTB/SmolLM2-135M"))
     assert status == "FAIL" and "SmolLM2-135M" in seen and "hf download HuggingFaceTB/SmolLM2-135M" in fix
+
+
+def test_a_sweep_checks_every_configurations_gpus_and_base_model(monkeypatch, tmp_path):
+    _fake_slurm(
+        monkeypatch,
+        {
+            "sinfo -h -o %P": (0, "cpu*\ngpu\n"),
+            "sinfo -h -p cpu -o %G": (0, "(null)\n"),
+            "sinfo -h -p gpu -o %G": (0, "gpu:a100:4(S:0-1)\n"),
+        },
+    )
+    swept = _context("resources.finetune.gpus=1", "resources.finetune.partition=gpu,cpu")
+    status, seen, fix = doctor.check_gpus(swept)
+    assert status == "FAIL" and "'gpu' has GRES" in seen and "'cpu' has no GPU GRES" in seen
+    assert "for finetune to one of: gpu" in fix
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    status, seen, _ = doctor.check_base_model(_context(f"finetune.base={tmp_path},org/not-downloaded"))
+    assert status == "FAIL" and "org/not-downloaded" in seen
+    status, seen, _ = doctor.check_base_model(_context(f"finetune.base=pretrain,{tmp_path}"))
+    assert status == "OK" and "pretrained model" in seen and str(tmp_path) in seen
 
 
 def test_profile_partition_missing_on_cluster_fails(monkeypatch):

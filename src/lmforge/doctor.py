@@ -1,6 +1,7 @@
 """`lmforge doctor [overrides...]`: a preflight to run on the cluster login node before submitting.
 
-It composes the config exactly as the Snakefile does (same Hydra overrides), then checks
+It composes the config exactly as the Snakefile does (same Hydra overrides; a sweep gives every
+configuration, and each one's resources and fine-tuning base are checked), then checks
 what a Slurm run of that config needs: the Slurm client commands, the partitions and GPUs
 the config asks for, how job status will be polled, the results directory, internet access
 for the Hub, and the MLflow store.  Each check prints one line, ``[ OK ]``, ``[WARN]`` or
@@ -32,7 +33,7 @@ from pathlib import Path
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
-from lmforge import config
+from lmforge import config, sweep
 from lmforge.tracking import tracking_uri
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
@@ -190,11 +191,17 @@ def profile_partition() -> str | None:
 
 @dataclass
 class Context:
-    cfg: DictConfig
+    cfgs: list[DictConfig]  # one per configuration of a sweep; run.* settings are read from the first
     _sinfo: tuple | None = field(default=None, repr=False)
 
-    def stages(self) -> dict[str, config.StageResources]:
-        return {stage: config.resources(self.cfg, stage) for stage in config.STAGES}
+    @property
+    def cfg(self) -> DictConfig:
+        return self.cfgs[0]
+
+    def stages(self) -> list[tuple[str, config.StageResources]]:
+        """Each stage's resources in every configuration, each distinct request once."""
+        pairs = [(stage, config.resources(cfg, stage)) for cfg in self.cfgs for stage in config.STAGES]
+        return [pair for i, pair in enumerate(pairs) if pair not in pairs[:i]]
 
     def partitions(self) -> tuple[list[str], str | None, str | None]:
         """(partitions, cluster default, error): `sinfo -h -o %P`, asked once."""
@@ -222,16 +229,16 @@ def check_partitions(ctx: Context) -> Result:
     existing, _, error = ctx.partitions()
     if error:
         return _no_sinfo(error)
-    named = {stage: res.partition for stage, res in ctx.stages().items() if res.partition}
+    named = list(dict.fromkeys((stage, res.partition) for stage, res in ctx.stages() if res.partition))
     if not named:
         return OK, f"no stage names a partition; cluster has: {', '.join(existing)}", None
-    bad = {stage: part for stage, part in named.items() if part not in existing}
+    bad = [(stage, part) for stage, part in named if part not in existing]
     if not bad:
-        used = sorted(set(named.values()))
+        used = sorted({part for _, part in named})
         return OK, f"named partitions exist: {', '.join(used)} (cluster has: {', '.join(existing)})", None
-    seen = "; ".join(f"partition '{part}' of stage '{stage}' does not exist" for stage, part in bad.items())
+    seen = "; ".join(f"partition '{part}' of stage '{stage}' does not exist" for stage, part in bad)
     fixes = []
-    for stage, part in bad.items():
+    for stage, part in bad:
         close = difflib.get_close_matches(part, existing, n=1)
         fixes.append(f"resources.{stage}.partition={close[0] if close else '<one of the above>'}")
     return FAIL, f"{seen}; cluster has: {', '.join(existing)}", f"set {' '.join(fixes)}"
@@ -241,7 +248,7 @@ def check_default_partition(ctx: Context) -> Result:
     existing, default, error = ctx.partitions()
     if error:
         return WARN, "not checked: cannot list partitions", "see the partitions check"
-    unset = [stage for stage, res in ctx.stages().items() if not res.partition]
+    unset = list(dict.fromkeys(stage for stage, res in ctx.stages() if not res.partition))
     if not unset:
         return OK, "every stage names its partition", None
     profile = profile_partition()
@@ -271,13 +278,13 @@ def _gres(partition: str) -> str:
 
 def check_gpus(ctx: Context) -> Result:
     existing, default, error = ctx.partitions()
-    wanted = {stage: res for stage, res in ctx.stages().items() if res.gpus > 0}
+    wanted = [(stage, res) for stage, res in ctx.stages() if res.gpus > 0]
     if not wanted:
         return OK, "no stage asks for GPUs", None
     if error:
         return WARN, "not checked: cannot list partitions", "see the partitions check"
     seen, missing = [], []
-    for stage, res in wanted.items():
+    for stage, res in wanted:
         part = effective_partition(res.partition, profile_partition(), default)
         if part not in existing:
             seen.append(f"{stage}: partition '{part}' does not exist")
@@ -286,7 +293,8 @@ def check_gpus(ctx: Context) -> Result:
         if has_gpu_gres(gres):
             seen.append(f"{stage} ({res.gpus} GPU) -> '{part}' has GRES {' '.join(gres.split())}")
         else:
-            missing.append(stage)
+            if stage not in missing:
+                missing.append(stage)
             seen.append(f"{stage} ({res.gpus} GPU) -> '{part}' has no GPU GRES ({gres or 'none'})")
     if missing:
         with_gpus = [part for part in existing if has_gpu_gres(_gres(part))]
@@ -356,8 +364,14 @@ def check_internet(ctx: Context) -> Result:
 
 
 def check_base_model(ctx: Context) -> Result:
+    """Every `finetune.base` of the sweep; the first that fails, else all that pass."""
+    results = [_check_one_base_model(base) for base in dict.fromkeys(cfg.finetune.base for cfg in ctx.cfgs)]
+    failed = [result for result in results if result[0] != OK]
+    return failed[0] if failed else (OK, "; ".join(seen for _, seen, _ in results), None)
+
+
+def _check_one_base_model(base: str) -> Result:
     """A Hub model named as `finetune.base` must already be in the local cache: compute nodes may be offline."""
-    base = ctx.cfg.finetune.base
     if base == "pretrain":
         return OK, "fine-tuning starts from this pipeline's pretrained model", None
     if Path(base).is_dir():
@@ -448,12 +462,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     try:
-        cfg = config.load(args.overrides)
+        _, configurations = sweep.expand(args.overrides)  # a sweep: every configuration's resources and base
+        cfgs = config.load_many(configurations)
     except (config.ConfigError, HydraException) as err:
         print(f"lmforge doctor: config error: {err}", file=sys.stderr)
         return 2
-    print(f"lmforge doctor: {' '.join(args.overrides) or '(default config)'}")
-    results = run_checks(Context(cfg))
+    count = f" ({len(cfgs)} configurations)" if len(cfgs) > 1 else ""
+    print(f"lmforge doctor: {' '.join(args.overrides) or '(default config)'}{count}")
+    results = run_checks(Context(cfgs))
     counts = {status: sum(res[0] == status for _, res in results) for status in (OK, WARN, FAIL)}
     print(f"{counts[OK]} ok, {counts[WARN]} warnings, {counts[FAIL]} failed")
     return 1 if counts[FAIL] else 0
