@@ -1,11 +1,19 @@
+import codecs
 import json
 from collections import Counter
 
 import datasets
+import pytest
 
 from lmforge import curate
 
 TASK = {"min_docstring_words": 5, "max_docstring_chars": 400}
+
+
+def read(source, text_field="text"):
+    stats = Counter()
+    docs = list(curate.read_source({"source": str(source), "text_field": text_field}, stats))
+    return docs, stats
 
 
 def test_broken_jsonl_rows_are_skipped_and_counted(tmp_path):
@@ -17,17 +25,74 @@ def test_broken_jsonl_rows_are_skipped_and_counted(tmp_path):
         json.dumps({"other": "x"}),
     ]
     path.write_text("\n".join(rows) + "\n")
-    stats = Counter()
-    docs = list(curate.read_source({"source": str(path), "text_field": "text"}, stats))
+    docs, stats = read(path)
     assert len(docs) == 1
     assert stats["rows_read"] == 4 and stats["broken_rows"] == 3
+
+
+def test_undecodable_jsonl_row_is_broken_not_kept(tmp_path, capsys):
+    path = tmp_path / "corpus.jsonl"
+    path.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9 latin-1"}\n{"text": "also fine"}\n')
+    docs, stats = read(path)
+    assert [d["text"] for d in docs] == ["fine", "also fine"]
+    assert stats["rows_read"] == 3 and stats["broken_rows"] == 1
+    assert f"{path}:2" in capsys.readouterr().err
+
+
+def test_utf8_bom_does_not_break_the_first_row(tmp_path):
+    (tmp_path / "a.jsonl").write_bytes(codecs.BOM_UTF8 + b'{"text": "first row"}\n{"text": "second row"}\n')
+    (tmp_path / "b.txt").write_bytes(codecs.BOM_UTF8 + b"a text file")
+    docs, stats = read(tmp_path)
+    assert [d["text"] for d in docs] == ["first row", "second row", "a text file"]
+    assert stats["broken_rows"] == 0
+
+
+def test_files_without_a_reader_are_counted_and_named_hidden_ones_only_counted(tmp_path, capsys):
+    (tmp_path / "a.txt").write_text("a text file")
+    (tmp_path / "table.csv").write_text("text\nnot read\n")
+    (tmp_path / ".DS_Store").write_bytes(b"\0")
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "notes.txt").write_text("not data")
+    docs, stats = read(tmp_path)
+    assert [d["text"] for d in docs] == ["a text file"]
+    assert stats["skipped_files"] == 1 and stats["skipped_hidden_files"] == 2
+    err = capsys.readouterr().err
+    assert "table.csv" in err and ".DS_Store" not in err
+    with pytest.raises(SystemExit, match="data.source"):
+        read(tmp_path / "table.csv")
+
+
+def test_parquet_without_the_text_column_stops_naming_file_and_config_key(tmp_path):
+    path = tmp_path / "corpus.parquet"
+    datasets.Dataset.from_list([{"content": "row one"}]).to_parquet(path)
+    with pytest.raises(SystemExit) as stop:
+        read(path)
+    message = str(stop.value)
+    assert str(path) in message and "'text'" in message and "data.text_field" in message and "content" in message
+
+
+def test_parquet_null_texts_are_broken_rows_named_in_the_log(tmp_path, capsys):
+    path = tmp_path / "corpus.parquet"
+    datasets.Dataset.from_list([{"text": "row one"}, {"text": None}, {"text": "row three"}]).to_parquet(path)
+    docs, stats = read(path)
+    assert [d["text"] for d in docs] == ["row one", "row three"]
+    assert stats["rows_read"] == 3 and stats["broken_rows"] == 1
+    assert f"1 broken rows of {path}" in capsys.readouterr().err
+
+
+def test_jsonl_without_the_text_field_in_any_row_warns_about_the_config_key(tmp_path, capsys):
+    path = tmp_path / "corpus.jsonl"
+    path.write_text(json.dumps({"content": "one"}) + "\n" + json.dumps({"content": "two"}) + "\n")
+    docs, stats = read(path)
+    assert docs == [] and stats["broken_rows"] == 2
+    err = capsys.readouterr().err
+    assert f"none of the 2 rows of {path}" in err and "data.text_field" in err
 
 
 def test_local_txt_and_parquet_sources(tmp_path):
     (tmp_path / "a.txt").write_text("first text document")
     datasets.Dataset.from_list([{"text": "row one"}, {"text": "row two"}]).to_parquet(tmp_path / "b.parquet")
-    stats = Counter()
-    docs = list(curate.read_source({"source": str(tmp_path), "text_field": "text"}, stats))
+    docs, _ = read(tmp_path)
     assert sorted(d["text"] for d in docs) == ["first text document", "row one", "row two"]
 
 

@@ -14,6 +14,7 @@ Outputs (Parquet, readable with `datasets.load_dataset("parquet", ...)`):
 from __future__ import annotations
 
 import ast
+import codecs
 import hashlib
 import json
 import sys
@@ -42,54 +43,113 @@ def read_stdlib(stats: Counter) -> Iterator[dict]:
         rel = path.relative_to(root)
         if STDLIB_SKIP_DIRS & set(rel.parts[:-1]):
             continue
-        raw = path.read_bytes()
-        yield from _decode(str(rel), raw, stats)
+        yield from read_text_file(path, str(rel), stats)
 
 
-def _decode(doc_id: str, raw: bytes, stats: Counter) -> Iterator[dict]:
+def read_text_file(path: Path, doc_id: str, stats: Counter) -> Iterator[dict]:
+    """A whole file is one document; a leading UTF-8 BOM is dropped, a file that is not UTF-8 is a broken row."""
+    raw = path.read_bytes()
     stats["rows_read"] += 1
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
         stats["broken_rows"] += 1
+        print(f"skipping broken file {path}: {err}", file=sys.stderr)
         return
     yield {"id": doc_id, "text": text, "source_sha256": hashlib.sha256(raw).hexdigest()}
 
 
 def read_jsonl(path: Path, text_field: str, stats: Counter) -> Iterator[dict]:
-    """One document per line; a line that is not a JSON object with a string text field is skipped and counted."""
-    with open(path, encoding="utf-8", errors="replace") as f:
+    """One document per line; a line that is not UTF-8, or not a JSON object with a string text field, is skipped.
+
+    Lines are decoded one by one, so that undecodable bytes break only their own row; a UTF-8 BOM may start the file.
+    """
+    rows = kept = 0
+    with open(path, "rb") as f:
         for number, line in enumerate(f, 1):
+            if number == 1:
+                line = line.removeprefix(codecs.BOM_UTF8)
             if not line.strip():
                 continue
+            rows += 1
             stats["rows_read"] += 1
             try:
-                row = json.loads(line)
+                row = json.loads(line.decode("utf-8"))
                 text = row[text_field]
                 if not isinstance(text, str):
                     raise TypeError(f"{text_field} is {type(text).__name__}")
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
+            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
                 stats["broken_rows"] += 1
                 print(f"skipping broken row {path}:{number}: {err}", file=sys.stderr)
                 continue
+            kept += 1
             doc_id = str(row.get("id", f"{path.name}:{number}"))
-            yield {"id": doc_id, "text": text, "source_sha256": hashlib.sha256(line.encode()).hexdigest()}
+            yield {"id": doc_id, "text": text, "source_sha256": hashlib.sha256(line).hexdigest()}
+    if rows and not kept:
+        print(
+            f"warning: none of the {rows} rows of {path} has a string field {text_field!r}: check data.text_field",
+            file=sys.stderr,
+        )
+
+
+def require_text_column(source: str, column_names: list[str], text_field: str) -> None:
+    """A table without the text column is a config mistake, not a table of broken rows: stop and say so."""
+    if text_field not in column_names:
+        raise SystemExit(
+            f"{source} has no column {text_field!r} (data.text_field); its columns are {column_names}: "
+            f"set data.text_field to one of them"
+        )
 
 
 def read_parquet(path: Path, text_field: str, stats: Counter) -> Iterator[dict]:
-    table = datasets.Dataset.from_parquet(str(path))
-    yield from _from_rows(table, f"{path.name}", text_field, stats)
+    """Rows of a Parquet file, read in record batches of the text (and id) column only."""
+    parquet = pq.ParquetFile(path)
+    column_names = parquet.schema_arrow.names
+    require_text_column(str(path), column_names, text_field)
+    wanted = [text_field] + (["id"] if "id" in column_names and text_field != "id" else [])
+    rows = (row for batch in parquet.iter_batches(columns=wanted) for row in batch.to_pylist())
+    yield from _from_rows(rows, str(path), path.name, text_field, stats)
 
 
-def _from_rows(rows: Iterable[dict], prefix: str, text_field: str, stats: Counter) -> Iterator[dict]:
+def _from_rows(rows: Iterable[dict], source: str, id_prefix: str, text_field: str, stats: Counter) -> Iterator[dict]:
+    """Rows of a table; a null or non-string text is a broken row, counted in one line per table."""
+    broken = 0
     for index, row in enumerate(rows):
         stats["rows_read"] += 1
         text = row.get(text_field)
         if not isinstance(text, str):
-            stats["broken_rows"] += 1
+            broken += 1
             continue
-        doc_id = str(row.get("id", f"{prefix}:{index}"))
+        doc_id = str(row.get("id", f"{id_prefix}:{index}"))
         yield {"id": doc_id, "text": text, "source_sha256": hashlib.sha256(text.encode()).hexdigest()}
+    if broken:
+        stats["broken_rows"] += broken
+        print(f"skipping {broken} broken rows of {source}: {text_field!r} is null or not a string", file=sys.stderr)
+
+
+def source_files(directory: Path, stats: Counter) -> list[Path]:
+    """The files of a source directory that have a reader, in name order.
+
+    Hidden files and directories (.git/, .DS_Store) are skipped and only counted; other files without a reader are
+    counted and named in the log, since they may be data the researcher expected to be read.
+    """
+    files, unsupported = [], []
+    for file in sorted(p for p in directory.rglob("*") if p.is_file()):
+        if any(part.startswith(".") for part in file.relative_to(directory).parts):
+            stats["skipped_hidden_files"] += 1
+        elif file.suffix.lower() in SUFFIXES:
+            files.append(file)
+        else:
+            unsupported.append(str(file.relative_to(directory)))
+    if unsupported:
+        stats["skipped_files"] += len(unsupported)
+        more = f" and {len(unsupported) - 5} more" if len(unsupported) > 5 else ""
+        print(
+            f"skipping {len(unsupported)} files of {directory} with no reader (not {', '.join(SUFFIXES)}): "
+            f"{', '.join(unsupported[:5])}{more}",
+            file=sys.stderr,
+        )
+    return files
 
 
 def read_source(data_cfg: dict, stats: Counter) -> Iterator[dict]:
@@ -99,19 +159,25 @@ def read_source(data_cfg: dict, stats: Counter) -> Iterator[dict]:
         yield from read_stdlib(stats)
         return
     path = Path(source)
+    if path.is_file() and path.suffix.lower() not in SUFFIXES:
+        raise SystemExit(f"data.source={source!r}: curate reads {', '.join(SUFFIXES)} files, not {path.suffix!r}")
     if path.exists():
-        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-        readers = {".jsonl": read_jsonl, ".json": read_jsonl, ".parquet": read_parquet}
-        for file in files:
-            if file.suffix in readers:
-                yield from readers[file.suffix](file, field, stats)
-            elif file.suffix in (".txt", ".py", ".md"):
-                yield from _decode(
-                    str(file.relative_to(path) if path.is_dir() else file.name), file.read_bytes(), stats
-                )
+        for file in source_files(path, stats) if path.is_dir() else [path]:
+            suffix = file.suffix.lower()
+            if suffix in TEXT_SUFFIXES:
+                yield from read_text_file(file, str(file.relative_to(path) if path.is_dir() else file.name), stats)
+            else:
+                yield from TABLE_READERS[suffix](file, field, stats)
         return
     # Anything else is a Hub dataset name; compute nodes need it in the local HF cache (HF_DATASETS_OFFLINE=1).
-    yield from _from_rows(datasets.load_dataset(source, split="train"), source, field, stats)
+    dataset = datasets.load_dataset(source, split="train")
+    require_text_column(source, dataset.column_names, field)
+    yield from _from_rows(dataset, source, source, field, stats)
+
+
+TABLE_READERS = {".jsonl": read_jsonl, ".json": read_jsonl, ".parquet": read_parquet}
+TEXT_SUFFIXES = (".txt", ".py", ".md")  # a whole file is one document
+SUFFIXES = (*TABLE_READERS, *TEXT_SUFFIXES)
 
 
 # -- pipeline steps: each takes and yields documents, counting what it drops --
@@ -266,7 +332,7 @@ definition appears in any training document are dropped (leakage check).
 
 def main(cfg: dict, out: Path, tracker) -> dict:
     data_cfg = cfg["data"]
-    stats: Counter = Counter()
+    stats = Counter(rows_read=0, broken_rows=0, skipped_files=0, skipped_hidden_files=0)  # listed also when 0
     docs = read_source(data_cfg, stats)
     docs = normalize(docs, data_cfg["normalization"])
     docs = filter_length(docs, data_cfg["min_chars"], data_cfg["max_chars"], stats)
