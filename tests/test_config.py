@@ -23,7 +23,7 @@ def test_unknown_key_names_the_key_and_the_valid_keys():
 def test_wrong_type_and_wrong_choice_are_rejected():
     with pytest.raises(config.ConfigError, match="train.lr"):
         config.load(["train.lr=fast"])
-    with pytest.raises(config.ConfigError, match="Valid choices: full, lora, qlora"):
+    with pytest.raises(config.ConfigError, match="must be one of full, lora, qlora"):
         config.load(["finetune.method=dora"])
     with pytest.raises(config.ConfigError, match="Available options in 'model'"):
         config.load(["model=nonexistent"])
@@ -70,3 +70,48 @@ def test_snakemake_dry_run_fails_on_a_bad_key_before_any_job(tmp_path):
     assert run.returncode != 0
     assert "Unknown config key 'train.lrr'" in run.stdout + run.stderr
     assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("train.steps=0", "'train.steps': must be >= 1"),
+        ("train.micro_batch_size=0", "'train.micro_batch_size': must be >= 1"),
+        ("train.grad_accum=0", "'train.grad_accum': must be >= 1"),
+        ("train.lr=-1", "'train.lr': must be > 0"),
+        ("finetune.train.lr=0", "'finetune.train.lr': must be > 0"),
+        ("model.num_layers=-1", "'model.num_layers': must be >= 1"),
+        ("model.num_heads=3", "'model.num_heads=3' must divide 'model.hidden_size=128'"),
+        ("data.validation_fraction=1.5", "'data.validation_fraction': must be in [0, 1)"),
+        ("data.test_fraction=0.96", "their sum must be < 1"),
+        ("data.normalization=NFX", "'data.normalization': must be one of NFC, NFD, NFKC, NFKD"),
+        ("tokenizer.vocab_size=3", "'tokenizer.vocab_size': must be >= 261"),
+        ("resources.evaluate.gpus=-1", "'resources.evaluate.gpus': must be >= 0"),
+        ("eval.prompt_template='{doc}'", "'eval.prompt_template' has unknown fields ['doc']"),
+    ],
+)
+def test_out_of_range_values_fail_at_planning_naming_the_key(override, message):
+    with pytest.raises(config.ConfigError) as err:
+        config.load([override])
+    assert message in str(err.value)
+
+
+def schema_fields(schema=config.Config, prefix=""):
+    """(key, field) of every setting in the schema, nested sections and one stage's resources included."""
+    import dataclasses
+    import typing
+
+    types = typing.get_type_hints(schema)
+    for spec in dataclasses.fields(schema):
+        if dataclasses.is_dataclass(types[spec.name]):
+            yield from schema_fields(types[spec.name], f"{prefix}{spec.name}.")
+        elif spec.name == "resources":
+            yield from schema_fields(config.StageResources, f"{prefix}resources.pretrain.")
+        else:
+            yield f"{prefix}{spec.name}", spec, types[spec.name]
+
+
+def test_every_numeric_setting_has_a_valid_range():
+    numeric = [key for key, spec, kind in schema_fields() if kind in (int, float, int | None, float | None)]
+    unchecked = [key for key, spec, kind in schema_fields() if key in numeric and "check" not in spec.metadata]
+    assert len(numeric) > 40 and not unchecked

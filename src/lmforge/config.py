@@ -14,10 +14,14 @@ tokenizer keep theirs.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import hashlib
 import json
-from collections.abc import Sequence
+import re
+import string
+import typing
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,10 +38,53 @@ from omegaconf.errors import OmegaConfBaseException
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
+# -- valid values: each setting that has a range or a set of choices says so where it is declared ------------
+
+
+@dataclass(frozen=True)
+class Check:
+    """What a valid value is, in words for the error message, and as a test."""
+
+    says: str
+    holds: Callable[[Any], bool]
+
+
+def setting(default: Any, check: Check) -> Any:
+    """A schema field whose value must pass `check` (None passes: it means "not set")."""
+    return field(default=default, metadata={"check": check})
+
+
+def at_least(low: float) -> Check:
+    return Check(f">= {low}", lambda v: v >= low)
+
+
+def above(low: float) -> Check:
+    return Check(f"> {low}", lambda v: v > low)
+
+
+def fraction(upper_open: bool = True) -> Check:
+    return Check("in [0, 1)", lambda v: 0 <= v < 1) if upper_open else Check("in [0, 1]", lambda v: 0 <= v <= 1)
+
+
+def one_of(*choices: Any) -> Check:
+    return Check(f"one of {', '.join(map(str, choices))}", lambda v: v in choices)
+
+
+def matches(pattern: str, says: str) -> Check:
+    compiled = re.compile(pattern)
+    return Check(says, lambda v: compiled.fullmatch(v) is not None)
+
+
+# Names that become directories, MLflow experiments and Slurm arguments: no shell or wildcard characters.
+NAME = matches(r"(?!\.{1,2}$)[A-Za-z0-9._-]+", "letters, digits and . _ - only (a file name)")
+PATH = matches(r"(?!-)[A-Za-z0-9._/+,@=:-]+", "a path of letters, digits and . _ / + , @ = : - only")
+PARTITIONS = matches(r"[A-Za-z0-9._-]+(,[A-Za-z0-9._-]+)*", "Slurm partition names, comma-separated")
+
+
 @dataclass
 class TaskConfig:
-    min_docstring_words: int = 5
-    max_docstring_chars: int = 400
+    min_docstring_words: int = setting(5, at_least(1))
+    max_docstring_chars: int = setting(400, at_least(1))
 
 
 @dataclass
@@ -47,68 +94,74 @@ class DataConfig:
     source: str = MISSING
     text_field: str = "text"
     license: str = MISSING
-    normalization: str = "NFC"
-    min_chars: int = 64
-    max_chars: int = 200_000
-    max_documents: int | None = None
-    validation_fraction: float = 0.05
-    test_fraction: float = 0.1
+    normalization: str = setting("NFC", one_of("NFC", "NFD", "NFKC", "NFKD"))
+    min_chars: int = setting(64, at_least(0))
+    max_chars: int = setting(200_000, at_least(1))
+    max_documents: int | None = setting(None, at_least(1))
+    validation_fraction: float = setting(0.05, fraction())
+    test_fraction: float = setting(0.1, fraction())
     task: TaskConfig = field(default_factory=TaskConfig)
+
+
+# Byte-level BPE starts from the 256 byte tokens and 4 special tokens: a smaller vocabulary cannot exist.
+MIN_VOCAB_SIZE = 256 + 4 + 1
 
 
 @dataclass
 class TokenizerConfig:
-    vocab_size: int = 4096
-    min_frequency: int = 2
+    vocab_size: int = setting(4096, at_least(MIN_VOCAB_SIZE))
+    min_frequency: int = setting(2, at_least(1))
     chat_template: str = MISSING
 
 
 @dataclass
 class BaselineConfig:
-    order: int = 2
-    discount: float = 0.75
+    order: int = setting(2, at_least(1))
+    discount: float = setting(0.75, Check("in (0, 1)", lambda v: 0 < v < 1))
 
 
 @dataclass
 class ModelConfig:
     name: str = MISSING
-    architecture: str = "llama"
-    hidden_size: int = 128
-    intermediate_size: int = 384
-    num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int = 4
-    max_seq_len: int = 256
+    architecture: str = setting("llama", one_of("llama", "gpt2"))
+    hidden_size: int = setting(128, at_least(1))
+    intermediate_size: int = setting(384, at_least(1))
+    num_layers: int = setting(4, at_least(1))
+    num_heads: int = setting(4, at_least(1))
+    num_kv_heads: int = setting(4, at_least(1))
+    max_seq_len: int = setting(256, at_least(2))
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 300
-    micro_batch_size: int = 16
-    grad_accum: int = 1
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 30
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    zero_stage: int = 0
-    precision: str = "fp32"  # fp32 | bf16 (DeepSpeed's: bf16 weights and gradients, fp32 master weights)
-    eval_every: int = 100
-    eval_batches: int = 8
-    checkpoint_every: int = 100
-    processes: int = 1
-    offload: str = "none"  # none | optimizer (ZeRO 1-3) | optimizer+parameters (ZeRO 3): to CPU memory
+    steps: int = setting(300, at_least(1))
+    micro_batch_size: int = setting(16, at_least(1))
+    grad_accum: int = setting(1, at_least(1))
+    lr: float = setting(3e-3, above(0))
+    min_lr_ratio: float = setting(0.1, fraction(upper_open=False))
+    warmup_steps: int = setting(30, at_least(0))
+    weight_decay: float = setting(0.1, at_least(0))
+    grad_clip: float = setting(1.0, above(0))
+    zero_stage: int = setting(0, one_of(0, 1, 2, 3))
+    # fp32 | bf16 (DeepSpeed's: bf16 weights and gradients, fp32 master weights)
+    precision: str = setting("fp32", one_of("fp32", "bf16"))
+    eval_every: int = setting(100, at_least(1))
+    eval_batches: int = setting(8, at_least(1))
+    checkpoint_every: int = setting(100, at_least(1))
+    processes: int = setting(1, at_least(1))
+    # To CPU memory: the optimizer (ZeRO 1-3), or the optimizer and the parameters (ZeRO 3)
+    offload: str = setting("none", one_of("none", "optimizer", "optimizer+parameters"))
     activation_checkpointing: bool = False
     compile: bool = False  # torch.compile the model; minutes of compilation at the start
-    attention: str = "sdpa"  # sdpa | eager | flash_attention_2 (needs the flash-attn package)
-    peak_tflops: float | None = None  # a device's bf16 peak, for MFU; None: looked up from the GPU's name
+    attention: str = setting("sdpa", one_of("sdpa", "eager", "flash_attention_2"))  # flash: the flash-attn package
+    peak_tflops: float | None = setting(None, above(0))  # a device's bf16 peak, for MFU; None: from the GPU's name
 
 
 @dataclass
 class LoraConfig:
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
+    r: int = setting(16, at_least(1))
+    alpha: int = setting(32, at_least(1))
+    dropout: float = setting(0.0, fraction())
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
@@ -116,7 +169,7 @@ class LoraConfig:
 
 @dataclass
 class FinetuneConfig:
-    method: str = "full"  # full | lora | qlora
+    method: str = setting("full", one_of("full", "lora", "qlora"))
     base: str = "pretrain"  # `pretrain` (this pipeline's model) or a Hugging Face model name or local path
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -124,22 +177,22 @@ class FinetuneConfig:
 
 @dataclass
 class QuantizeConfig:
-    method: str = "int8_weight_only"
+    method: str = setting("int8_weight_only", one_of("int8_weight_only", "none"))
 
 
 @dataclass
 class SamplingConfig:
-    temperature: float = 0.8
-    top_k: int = 50
-    top_p: float = 0.95
+    temperature: float = setting(0.8, above(0))
+    top_k: int = setting(50, at_least(0))  # 0: no top-k cut
+    top_p: float = setting(0.95, Check("in (0, 1]", lambda v: 0 < v <= 1))
 
 
 @dataclass
 class EvalConfig:
-    max_new_tokens: int = 16
-    few_shot: int = 3
-    max_task_examples: int | None = None
-    max_test_documents: int | None = None
+    max_new_tokens: int = setting(16, at_least(1))
+    few_shot: int = setting(3, at_least(0))
+    max_task_examples: int | None = setting(None, at_least(1))
+    max_test_documents: int | None = setting(None, at_least(1))
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     prompt_template: str = "# {docstring}\ndef "
     shot_template: str = "# {docstring}\ndef {name}(...):\n    ...\n\n"
@@ -154,30 +207,31 @@ class CardConfig:
 
 @dataclass
 class StageResources:
-    cpus: int = 1
-    mem_mb: int = 4000
-    runtime: int = 60  # minutes, per attempt
-    gpus: int = 0  # per node; training stages run one process per GPU (train.processes = gpus x nodes)
-    nodes: int = 1
-    partition: str | None = None
+    cpus: int = setting(1, at_least(1))
+    mem_mb: int = setting(4000, at_least(1))
+    runtime: int = setting(60, at_least(1))  # minutes, per attempt
+    # Per node; training stages run one process per GPU (train.processes = gpus x nodes)
+    gpus: int = setting(0, at_least(0))
+    nodes: int = setting(1, at_least(1))
+    partition: str | None = setting(None, PARTITIONS)
     # Training stages: Slurm sends SIGURG this many seconds before the walltime; the loop checkpoints and exits.
-    signal_before_end_s: int | None = None
+    signal_before_end_s: int | None = setting(None, at_least(1))
 
 
 @dataclass
 class RunConfig:
     """Where and under what name a run is recorded. Not part of any stage hash."""
 
-    results_dir: str = "results"
-    experiment: str = "lmforge"
+    results_dir: str = setting("results", PATH)
+    experiment: str = setting("lmforge", NAME)
     mlflow_uri: str | None = None  # default: sqlite in results_dir; MLFLOW_TRACKING_URI overrides
     wandb: bool = False
-    sweep: str | None = None  # the id of the sweep this configuration belongs to; set by the sweep expansion
+    sweep: str | None = setting(None, NAME)  # the id of this configuration's sweep; set by the sweep expansion
 
 
 @dataclass
 class Config:
-    seed: int = 1234
+    seed: int = setting(1234, at_least(0))
     data: DataConfig = MISSING
     tokenizer: TokenizerConfig = MISSING
     baseline: BaselineConfig = MISSING
@@ -226,6 +280,27 @@ def _explain(err: Exception, overrides: list[str]) -> str:
     return text
 
 
+def unparsable(err: OverrideParseException, overrides: list[str], parser) -> str:
+    """Hydra's parse error, with the override and its key named and how to quote a value."""
+
+    def parses(override: str) -> bool:
+        try:
+            parser.parse_overrides([override])
+        except OverrideParseException:
+            return False
+        return True
+
+    bad = next((o for o in overrides if not parses(o)), None)
+    if bad is None:
+        return str(err)
+    key = bad.split("=", 1)[0]
+    return (
+        f"Cannot parse the override {bad!r} (key '{key}'). A value with spaces or any of ;$()`'\"#[]{{}},= "
+        f"goes in quotes: {key}='...' (a quote inside a quoted value is escaped with a backslash). "
+        f"Hydra said: {str(err).splitlines()[0]}"
+    )
+
+
 def load(overrides: Sequence[str] = ()) -> DictConfig:
     """Compose conf/config.yaml with Hydra overrides and validate it against the schema."""
     [cfg] = load_many([overrides])
@@ -270,45 +345,83 @@ def _load_one(overrides: list[str], parser, loader, composed: dict) -> DictConfi
         cfg = copy.deepcopy(composed[groups])
         ConfigLoaderImpl._apply_overrides_to_config(values, cfg)
         OmegaConf.to_container(cfg, throw_on_missing=True)
-    except (ConfigCompositionException, OverrideParseException, OmegaConfBaseException) as err:
+    except OverrideParseException as err:
+        raise ConfigError(unparsable(err, overrides, parser)) from None
+    except (ConfigCompositionException, OmegaConfBaseException) as err:
         raise ConfigError(_explain(err.__cause__ or err, overrides)) from None
     for stage in cfg.resources:
         if stage not in STAGES:
             raise ConfigError(f"Unknown stage 'resources.{stage}'. Valid stages: {', '.join(STAGES)}.")
-    _check_choices(cfg)
+    check_values(cfg, Config)
+    check_consistency(cfg)
     return cfg
 
 
-def _check_choices(cfg: DictConfig) -> None:
-    choices = {
-        "model.architecture": ("llama", "gpt2"),
-        "finetune.method": ("full", "lora", "qlora"),
-        "quantize.method": ("int8_weight_only", "none"),
-    }
-    for train in ("train", "finetune.train"):
-        choices[f"{train}.precision"] = ("fp32", "bf16")
-        choices[f"{train}.zero_stage"] = (0, 1, 2, 3)
-        choices[f"{train}.offload"] = ("none", "optimizer", "optimizer+parameters")
-        choices[f"{train}.attention"] = ("sdpa", "eager", "flash_attention_2")
-    for key, valid in choices.items():
-        value = OmegaConf.select(cfg, key)
-        if value not in valid:
-            raise ConfigError(f"Invalid value {value!r} for '{key}'. Valid choices: {', '.join(map(str, valid))}.")
-    for train in ("train", "finetune.train"):
-        tcfg = OmegaConf.select(cfg, train)
+def check_values(node: DictConfig, schema: type, prefix: str = "") -> None:
+    """Every value against its field's Check, with the key's path in the message."""
+    types = typing.get_type_hints(schema)
+    for spec in dataclasses.fields(schema):
+        key, value = f"{prefix}{spec.name}", node[spec.name]
+        check = spec.metadata.get("check")
+        if check is not None and value is not None and not check.holds(value):
+            raise ConfigError(f"Invalid value {value!r} for '{key}': must be {check.says}.")
+        if dataclasses.is_dataclass(types[spec.name]):
+            check_values(value, types[spec.name], f"{key}.")
+        elif spec.name == "resources":
+            for stage, stage_resources in value.items():
+                check_values(stage_resources, StageResources, f"{key}.{stage}.")
+
+
+def template_fields(template: str) -> set[str]:
+    return {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+
+
+def check_consistency(cfg: DictConfig) -> None:
+    """Settings that are valid alone but not together."""
+    model = cfg.model
+    if model.hidden_size % model.num_heads:
+        raise ConfigError(f"'model.num_heads={model.num_heads}' must divide 'model.hidden_size={model.hidden_size}'.")
+    if model.num_heads % model.num_kv_heads:
+        raise ConfigError(f"'model.num_kv_heads={model.num_kv_heads}' must divide 'model.num_heads={model.num_heads}'.")
+    if model.architecture == "gpt2" and model.num_kv_heads != model.num_heads:
+        raise ConfigError("'model.architecture=gpt2' has no grouped-query attention: set model.num_kv_heads=num_heads.")
+    data = cfg.data
+    if data.validation_fraction + data.test_fraction >= 1:
+        raise ConfigError(
+            f"'data.validation_fraction' + 'data.test_fraction' = {data.validation_fraction + data.test_fraction:g} "
+            "leaves no training data: their sum must be < 1."
+        )
+    if data.min_chars > data.max_chars:
+        raise ConfigError(f"'data.min_chars={data.min_chars}' is above 'data.max_chars={data.max_chars}'.")
+    for key, allowed in (("eval.prompt_template", {"docstring"}), ("eval.shot_template", {"docstring", "name"})):
+        try:
+            unknown = template_fields(OmegaConf.select(cfg, key)) - allowed
+        except ValueError as err:  # an unmatched brace
+            raise ConfigError(
+                f"'{key}' is not a valid format string ({err}); write a literal brace as {{{{ or }}}}."
+            ) from None
+        if unknown:
+            raise ConfigError(
+                f"'{key}' has unknown fields {sorted(unknown)}; it may use {sorted(allowed)} "
+                "(write a literal brace as {{ or }})."
+            )
+    for name, spec in STAGES.items():
+        if spec.train is None:
+            continue
+        tcfg = OmegaConf.select(cfg, spec.train)
         needs = {"optimizer": 1, "optimizer+parameters": 3}.get(tcfg.offload, 0)
         if tcfg.zero_stage < needs:
-            raise ConfigError(f"'{train}.offload={tcfg.offload}' needs '{train}.zero_stage' >= {needs}.")
-        stage_resources = resources(cfg, "pretrain" if train == "train" else "finetune")
+            raise ConfigError(f"'{spec.train}.offload={tcfg.offload}' needs '{spec.train}.zero_stage' >= {needs}.")
+        stage_resources = resources(cfg, name)
         gpus = stage_resources.gpus * stage_resources.nodes
         if gpus and tcfg.processes != gpus:
             raise ConfigError(
-                f"'{train}.processes={tcfg.processes}' but the stage asks Slurm for {gpus} GPUs "
+                f"'{spec.train}.processes={tcfg.processes}' but the stage asks Slurm for {gpus} GPUs "
                 f"({stage_resources.gpus} per node x {stage_resources.nodes} nodes): training runs one process per GPU."
             )
         if tcfg.compile and tcfg.zero_stage == 3:
             raise ConfigError(
-                f"'{train}.compile=true' is not supported with ZeRO-3 (its parameter gathering breaks the graph)."
+                f"'{spec.train}.compile=true' is not supported with ZeRO-3 (its parameter gathering breaks the graph)."
             )
     if cfg.finetune.method == "qlora" and not resources(cfg, "finetune").gpus:
         # Checked here, not in the job: a QLoRA job without a GPU would fail only after it was scheduled.
@@ -318,19 +431,33 @@ def _check_choices(cfg: DictConfig) -> None:
         )
 
 
-# Which config sections each stage reads, and which stages' outputs it reads.
-STAGES: dict[str, dict[str, list[str]]] = {
-    "curate": {"sections": ["data"], "inputs": []},
-    "tokenizer": {"sections": ["tokenizer", "seed"], "inputs": ["curate"]},
-    "baseline": {"sections": ["baseline"], "inputs": ["curate", "tokenizer"]},
-    "pretrain": {"sections": ["model", "train", "seed"], "inputs": ["tokenizer"]},
-    "finetune": {"sections": ["finetune", "seed"], "inputs": ["curate", "tokenizer", "pretrain"]},
-    "quantize": {"sections": ["quantize"], "inputs": ["finetune"]},
-    "evaluate": {
-        "sections": ["eval", "seed"],
-        "inputs": ["curate", "tokenizer", "baseline", "pretrain", "finetune", "quantize"],
-    },
-    "card": {"sections": ["card"], "inputs": ["curate", "tokenizer", "pretrain", "finetune", "quantize", "evaluate"]},
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage of the pipeline: the module `lmforge.<name>` and what its key depends on."""
+
+    sections: tuple[str, ...] = ()  # config sections the stage reads: hashed into its key, handed to it
+    inputs: tuple[str, ...] = ()  # stages whose outputs it reads
+    train: str | None = None  # its training section, for training stages: processes, GPUs, ZeRO
+    per_sweep: bool = False  # one job for a whole sweep (lmforge.sweep plans it), not one per configuration
+
+
+# The registry: the Snakemake rules, the stage keys, and the checks above are made from it.
+STAGES: dict[str, StageSpec] = {
+    "curate": StageSpec(sections=("data",)),
+    "tokenizer": StageSpec(sections=("tokenizer", "seed"), inputs=("curate",)),
+    "baseline": StageSpec(sections=("baseline",), inputs=("curate", "tokenizer")),
+    "pretrain": StageSpec(sections=("model", "train", "seed"), inputs=("tokenizer",), train="train"),
+    "finetune": StageSpec(
+        sections=("finetune", "seed"), inputs=("curate", "tokenizer", "pretrain"), train="finetune.train"
+    ),
+    "quantize": StageSpec(sections=("quantize",), inputs=("finetune",)),
+    "evaluate": StageSpec(
+        sections=("eval", "seed"), inputs=("curate", "tokenizer", "baseline", "pretrain", "finetune", "quantize")
+    ),
+    "card": StageSpec(
+        sections=("card",), inputs=("curate", "tokenizer", "pretrain", "finetune", "quantize", "evaluate")
+    ),
+    "scaling": StageSpec(inputs=("pretrain",), per_sweep=True),
 }
 
 
@@ -351,12 +478,14 @@ class Stage:
 
     @property
     def processes(self) -> int:
-        """The training processes of pretrain and finetune (one job of N tasks); 1 for the other stages."""
-        if self.name == "pretrain":
-            return self.config["train"]["processes"]
-        if self.name == "finetune":
-            return self.config["finetune"]["train"]["processes"]
-        return 1
+        """The training processes of a training stage (one job of N tasks); 1 for the other stages."""
+        train = STAGES[self.name].train
+        if train is None:
+            return 1
+        section = self.config
+        for part in train.split("."):
+            section = section[part]
+        return section["processes"]
 
 
 def plan(cfg: DictConfig) -> dict[str, Stage]:
@@ -365,10 +494,12 @@ def plan(cfg: DictConfig) -> dict[str, Stage]:
     run = dict(full["run"])
     stages: dict[str, Stage] = {}
     for name, spec in STAGES.items():
-        own = {section: full[section] for section in spec["sections"]}
-        upstream = {dep: stages[dep].key for dep in spec["inputs"]}
+        if spec.per_sweep:
+            continue
+        own = {section: full[section] for section in spec.sections}
+        upstream = {dep: stages[dep].key for dep in spec.inputs}
         key = digest({"stage": name, "config": own, "inputs": upstream})
-        stage_cfg = {"stage": name, "key": key, **own, "inputs": {dep: stages[dep].dir for dep in spec["inputs"]}}
+        stage_cfg = {"stage": name, "key": key, **own, "inputs": {dep: stages[dep].dir for dep in spec.inputs}}
         stage_cfg["run"] = {**run, "run_key": None, "checkpoint_dir": f"{run['results_dir']}/checkpoints/{name}/{key}"}
         stages[name] = Stage(name, key, stage_cfg, resources(cfg, name))
     run_key = stages["card"].key  # the card depends on everything: one key per configuration

@@ -82,7 +82,7 @@ def expand(overrides: Sequence[str]) -> tuple[str | None, list[list[str]]]:
     return sweep_id, [[*configuration, f"run.sweep={sweep_id}"] for configuration in grid]
 
 
-def scaling_stage(runs: list[dict[str, Stage]]) -> Stage | None:
+def scaling_stage(runs: list[dict[str, Stage]], resources: StageResources) -> Stage | None:
     """The fit of L(N, D) over the sweep's pretraining runs, when they differ in both model and train.steps."""
     pretrains = list({run["pretrain"].key: run["pretrain"] for run in runs}.values())
     models = {config.digest(stage.config["model"]) for stage in pretrains}
@@ -98,13 +98,14 @@ def scaling_stage(runs: list[dict[str, Stage]]) -> Stage | None:
         "inputs": {f"pretrain_{stage.key}": stage.dir for stage in pretrains},
         "run": {**run, "run_key": key},
     }
-    return Stage("scaling", key, stage_cfg, StageResources(cpus=1, mem_mb=2000, runtime=10))
+    return Stage("scaling", key, stage_cfg, resources)
 
 
 def plan(overrides: Sequence[str]) -> Sweep:
     """Expand, compose, validate and plan every configuration of a sweep (or the one configuration)."""
     sweep_id, grid = expand(overrides)
-    runs = [config.plan(cfg) for cfg in config.load_many(grid)]
+    cfgs = config.load_many(grid)
+    runs = [config.plan(cfg) for cfg in cfgs]
     results_dirs = {run["card"].config["run"]["results_dir"] for run in runs}
     if len(results_dirs) > 1:
         raise ConfigError(f"A sweep writes into one run.results_dir, not {len(results_dirs)}: {sorted(results_dirs)}.")
@@ -112,7 +113,7 @@ def plan(overrides: Sequence[str]) -> Sweep:
     for run in runs:
         for name, stage in run.items():
             stages.setdefault(name, {}).setdefault(stage.key, stage)
-    scaling = scaling_stage(runs)
+    scaling = scaling_stage(runs, config.resources(cfgs[0], "scaling"))
     if scaling:
         stages["scaling"] = {scaling.key: scaling}
     return Sweep(sweep_id, runs, stages, scaling)
