@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Runs a planned DAG's stage commands in dependency order on a GPU machine without Snakemake (the lent test GPUs),
-# then loads the card's model with plain transformers. Plan on a machine with Snakemake; it writes every stage's
+# then loads the card's model with plain transformers. Plan on a machine with lmforge installed; this writes every stage's
 # resolved config under <results>/configs:
 #
-#   snakemake --profile profiles/local -n --config overrides="finetune=qlora resources.finetune.gpus=1 run.results_dir=.qs/results"
+#   lmforge config finetune=qlora resources.finetune.gpus=1 run.results_dir=.qs/results --write-stage-configs
 #
 # then, with lmforge's dependencies importable on the GPU machine:   bash benchmarks/stages_on_gpu.sh .qs/results
 # (STAGES="curate tokenizer pretrain" runs only those, in that order.)

@@ -115,3 +115,56 @@ def test_every_numeric_setting_has_a_valid_range():
     numeric = [key for key, spec, kind in schema_fields() if kind in (int, float, int | None, float | None)]
     unchecked = [key for key, spec, kind in schema_fields() if key in numeric and "check" not in spec.metadata]
     assert len(numeric) > 40 and not unchecked
+
+
+def test_overrides_reach_snakemake_whole_through_lmforge_run():
+    """Each override is one word; spaces, quotes and ` #` inside a value survive Snakemake's --config parsing."""
+    from snakemake.cli import parse_config
+
+    from lmforge import workflow
+
+    overrides, flags, snakemake_args = workflow.split_words(
+        ["data.name='my corpus #2, v\\'1'", "-n", "train.lr=1e-3", "--", "--until", "pretrain"]
+    )
+    assert flags == {"-n"} and snakemake_args == ["--until", "pretrain"]
+    assert parse_config([workflow.overrides_config(overrides)])["overrides"] == overrides
+    assert config.load(overrides).data.name == "my corpus #2, v'1"
+
+
+def test_lmforge_run_dry_run_plans_and_a_bad_value_names_its_key(tmp_path):
+    lmforge = [sys.executable, "-m", "lmforge.cli", "run"]
+    ok = subprocess.run([*lmforge, "data.name='a #b'", "-n"], capture_output=True, text=True, cwd=tmp_path)
+    assert ok.returncode == 0 and "This was a dry-run" in ok.stdout + ok.stderr, ok.stderr[-2000:]
+    bad = subprocess.run([*lmforge, "-n", "train.steps=0"], capture_output=True, text=True, cwd=tmp_path)
+    assert bad.returncode != 0 and "'train.steps': must be >= 1" in bad.stdout + bad.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".snakemake"]  # no results, no configs
+
+
+def test_lmforge_config_prints_the_composed_configuration():
+    shown = subprocess.run(
+        [sys.executable, "-m", "lmforge.cli", "config", "train.lr=0.01", "--stages"], capture_output=True, text=True
+    )
+    assert shown.returncode == 0 and "lr: 0.01" in shown.stdout and "pretrain: results/pretrain/" in shown.stdout
+
+
+GROUP_OPTIONS = [
+    (group.name, option.stem)
+    for group in sorted(config.CONF_DIR.iterdir())
+    if group.is_dir() and group.name != "sweep"
+    for option in sorted(group.glob("*.yaml"))
+]
+
+
+@pytest.mark.parametrize("group,option", GROUP_OPTIONS, ids=[f"{g}={o}" for g, o in GROUP_OPTIONS])
+def test_every_option_of_every_config_group_composes_and_validates(group, option):
+    # QLoRA and the GPU presets are planned as they run: with a GPU for the stage that needs it.
+    needs_gpu = ["resources.finetune.gpus=1"] if (group, option) == ("finetune", "qlora") else []
+    cfg = config.load([f"{group}={option}", *needs_gpu])
+    assert config.plan(cfg)["card"].key
+
+
+def test_every_sweep_file_expands_and_validates():
+    from lmforge import sweep
+
+    for path in sorted((config.CONF_DIR / "sweep").glob("*.yaml")):
+        assert len(sweep.plan([f"sweep={path.stem}"]).runs) > 1

@@ -4,14 +4,25 @@ import json
 import sqlite3
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from lmforge.workflow import snakemake_command
 from tests.stages import TINY, job_counts
+from tests.test_hostile_config import quoted
 
-OVERRIDES = ["data.max_documents=120", "finetune=lora", *TINY]
+# Free text that would run commands if it reached a shell: the whole DAG must take it as text.
+MARKER = Path(tempfile.gettempdir()) / "lmforge-pipeline-PWNED"
+MODEL_NAME = f"tiny; touch {MARKER} $(touch {MARKER}) `touch {MARKER}` #1 'q'"
+OVERRIDES = [
+    "data.max_documents=120",
+    "finetune=lora",
+    quoted("data.name", f"stdlib slice\n$(touch {MARKER})"),
+    quoted("card.model_name", MODEL_NAME),
+    *TINY,
+]
 
 
 def snakemake(workdir: Path, *args: str, overrides=()) -> subprocess.CompletedProcess:
@@ -22,6 +33,7 @@ def snakemake(workdir: Path, *args: str, overrides=()) -> subprocess.CompletedPr
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("pipeline")
+    MARKER.unlink(missing_ok=True)
     run = snakemake(workdir)
     assert run.returncode == 0, run.stderr[-5000:]
     return workdir
@@ -52,6 +64,24 @@ def test_every_stage_writes_its_outputs_and_manifest(pipeline):
     report = json.loads((evaluation / "results.json").read_text())
     assert set(report["models"]) == {"baseline", "pretrain", "finetune", "quantize"}
     assert report["sampling"] == {"temperature": 0.8, "top_k": 50, "top_p": 0.95} and report["seed"] == 1234
+
+
+@pytest.mark.e2e
+def test_shell_syntax_in_free_text_settings_is_only_text(pipeline):
+    assert not MARKER.exists()
+    [card] = (pipeline / "results" / "card").iterdir()
+    assert f"# {MODEL_NAME}" in (card / "model" / "README.md").read_text()
+
+
+@pytest.mark.e2e
+def test_a_dry_run_changes_no_stage_config(pipeline):
+    """Stage configs are written when a run starts (onstart: after Snakemake took its lock, never on -n)."""
+    configs = {path: (path.read_bytes(), path.stat().st_mtime_ns) for path in (pipeline / "results").rglob("*.yaml")}
+    assert len(configs) > 8
+    dry = snakemake(pipeline, "-n", "--forceall", overrides=["run.experiment=other"])
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    after = {path: (path.read_bytes(), path.stat().st_mtime_ns) for path in (pipeline / "results").rglob("*.yaml")}
+    assert after == configs
 
 
 @pytest.mark.e2e

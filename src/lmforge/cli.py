@@ -13,6 +13,8 @@ import sys
 
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("lmforge.workflow", "run the pipeline through Snakemake, with Hydra overrides as separate words"),
+    "config": ("lmforge.config", "print the composed configuration (Hydra's --cfg job), or write the stage configs"),
     "doctor": ("lmforge.doctor", "preflight checks of the cluster and a config before submitting"),
     "runs": ("lmforge.runs", "a sweep's configurations: the params that differ and the key metrics"),
 }

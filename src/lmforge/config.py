@@ -511,3 +511,45 @@ def plan(cfg: DictConfig) -> dict[str, Stage]:
 def resources(cfg: DictConfig, stage: str) -> StageResources:
     node = cfg.resources.get(stage)
     return StageResources(**OmegaConf.to_container(node)) if node is not None else StageResources()
+
+
+# -- `lmforge config` ---------------------------------------------------------------------------------------
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("overrides", nargs="*", metavar="OVERRIDE", help="Hydra overrides, sweeps included")
+    parser.add_argument("--stages", action="store_true", help="also list each stage's key and directory")
+    parser.add_argument(
+        "--write-stage-configs",
+        action="store_true",
+        help="write every stage's resolved config under <run.results_dir>/configs, as a run does when it starts",
+    )
+
+
+def main(args) -> int:
+    import sys
+
+    import yaml
+
+    from lmforge import sweep, workflow
+
+    try:
+        _, grid = sweep.expand(args.overrides)
+        cfgs = load_many(grid)
+        planned = sweep.plan(args.overrides) if args.write_stage_configs else None
+    except ConfigError as err:
+        print(f"lmforge config: {err}", file=sys.stderr)
+        return 2
+    for number, (cfg, overrides) in enumerate(zip(cfgs, grid), 1):
+        if number > 1:
+            print("---")
+        if len(cfgs) > 1:
+            print(f"# configuration {number} of {len(cfgs)}: {' '.join(overrides)}")
+        print(OmegaConf.to_yaml(cfg, resolve=True), end="")
+        if args.stages:
+            stages = {name: stage.dir for name, stage in plan(cfg).items()}
+            print(yaml.safe_dump({"stages": stages}, sort_keys=False), end="")
+    if planned is not None:
+        workflow.write_stage_configs(planned, planned.results_dir)
+        print(f"# stage configs written under {planned.results_dir}/configs", file=sys.stderr)
+    return 0

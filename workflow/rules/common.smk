@@ -4,15 +4,14 @@
 import shlex
 import sys
 
-import yaml
-
 from lmforge import config as lmconfig
 from lmforge import sweep as lmsweep
 from lmforge import workflow as lmworkflow
 
 
 def hydra_overrides():
-    """`--config overrides="train.lr=1e-3 finetune=lora"` (Hydra override syntax)."""
+    """Hydra overrides: a list (`lmforge run` passes `--config 'overrides=["train.lr=1e-3", ...]'`), or one
+    string split like a shell line (`--config overrides="train.lr=1e-3 finetune=lora"`)."""
     raw = config.get("overrides", "")
     return shlex.split(raw) if isinstance(raw, str) else [str(item) for item in raw]
 
@@ -27,20 +26,11 @@ RESULTS = SWEEP.results_dir
 KEY = r"[0-9a-f]{12}"
 
 
-def _write_stage_configs():
-    """The resolved config of each stage, the one argument of `python -m lmforge.<stage>`."""
-    for stages in STAGES.values():
-        for stage in stages.values():
-            path = Path(f"{RESULTS}/configs/{stage.name}/{stage.key}.yaml")
-            text = yaml.safe_dump(stage.config, sort_keys=False)
-            if not path.exists() or path.read_text() != text:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(".tmp")
-                tmp.write_text(text)
-                tmp.rename(path)
-
-
-_write_stage_configs()
+onstart:
+    # The resolved config of each stage, the one argument of `python -m lmforge.<stage>`. Written when a run
+    # starts, holding Snakemake's lock, so a dry run or a second invocation that the lock stops changes nothing
+    # (onstart runs neither on -n nor inside Slurm jobs, which get --no-hooks).
+    lmworkflow.write_stage_configs(SWEEP, RESULTS)
 
 
 def stage_dir(name):
@@ -60,7 +50,11 @@ def stage_inputs(name):
 
 def stage_params(name):
     # The config is a param, not an input: it is rewritten when a non-hashed setting (experiment name) changes.
-    return {"config": f"{RESULTS}/configs/{name}/{{key}}.yaml", "processes": per_job(name, lambda s: s.processes)}
+    return {
+        "stage": name,
+        "config": lmworkflow.stage_config_path(RESULTS, name, "{key}"),
+        "processes": per_job(name, lambda s: s.processes),
+    }
 
 
 def stage_log(name):
@@ -90,13 +84,18 @@ def _resource(by_key, resource):
     return value
 
 
-def stage_command(name):
-    """The one command every rule runs; torch threads capped at the rule's CPUs per process."""
+def stage_command():
+    """The one command every stage rule runs; torch threads capped at the rule's CPUs per process.
+
+    Every path is quoted (`:q`), and paths from config are restricted to safe characters at planning.
+    The log is appended to: a resumed job's log keeps what the interrupted attempts wrote. The stage comes
+    from params: a rule's shell command is evaluated when its job runs, after the loop defining it has ended.
+    """
     # The interpreter running Snakemake: the job uses the same environment without activating it.
     python = shlex.quote(sys.executable)
     threads = "$(( {threads} / {params.processes} > 0 ? {threads} / {params.processes} : 1 ))"
-    run = f"{python} -m lmforge.launch {{params.processes}} lmforge.{name} {{params.config}} {{output}}"
-    return f"OMP_NUM_THREADS={threads} {run} > {{log}} 2>&1"
+    run = f"{python} -m lmforge.launch {{params.processes}} lmforge.{{params.stage}} {{params.config:q}} {{output:q}}"
+    return f"OMP_NUM_THREADS={threads} {run} >> {{log:q}} 2>&1"
 
 
 def configuration_keys():

@@ -30,7 +30,7 @@ rule history:
     wildcard_constraints:
         key=KEY,
     shell:
-        f"{PYTHON} -m lmforge.history merge {{params.config}} {{input}} {{output}} > {{log}} 2>&1"
+        f"{PYTHON} -m lmforge.history merge {{params.config:q}} {{input:q}} {{output:q}} > {{log:q}} 2>&1"
 
 
 rule compare:
@@ -48,7 +48,7 @@ rule compare:
     conda:
         "../../env/environment.yml"
     shell:
-        f"{PYTHON} -m lmforge.report {{output}} {{input}} > {{log}} 2>&1"
+        f"{PYTHON} -m lmforge.report {{output:q}} {{input:q}} > {{log:q}} 2>&1"
 
 
 rule wandb_sync:
@@ -63,4 +63,4 @@ rule wandb_sync:
     wildcard_constraints:
         key=KEY,
     shell:
-        f"{PYTHON} -m lmforge.history wandb-sync {{input}} > {{log}} 2>&1"
+        f"{PYTHON} -m lmforge.history wandb-sync {{input:q}} > {{log:q}} 2>&1"

@@ -1,0 +1,25 @@
+# One rule per stage of the registry (lmforge.config.STAGES): `python -m lmforge.<stage> CONFIG OUT` on the
+# job's own stage, found by its {key}. The scaling fit has a job only in a sweep over model sizes and training
+# lengths; `snakemake --until scaling` runs that ladder and the fit only.
+for stage_name in lmconfig.STAGES:
+
+    rule:
+        name:
+            stage_name
+        input:
+            unpack(stage_inputs(stage_name)),
+        output:
+            directory(stage_dir(stage_name)),
+        params:
+            **stage_params(stage_name),
+        log:
+            stage_log(stage_name),
+        conda:
+            "../../env/environment.yml"
+        threads: stage_threads(stage_name)
+        resources:
+            **stage_resources(stage_name),
+        wildcard_constraints:
+            key=KEY,
+        shell:
+            stage_command()
