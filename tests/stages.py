@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
 import sysconfig
+import typing
 from pathlib import Path
 
 import yaml
 
-from lmforge import config
+from lmforge import config, schema
+from lmforge import plan as planning
 
 # A small slice of the standard library: enough text to train a tokenizer and a tiny model in seconds.
 SMALL_CORPUS_FILES = [
@@ -67,11 +70,11 @@ def small_corpus(directory: Path) -> Path:
     return directory
 
 
-def plan(results: Path, overrides: list[str]) -> dict[str, config.Stage]:
-    return config.plan(config.load([f"run.results_dir={results}", *overrides]))
+def plan(results: Path, overrides: list[str]) -> dict[str, planning.Stage]:
+    return planning.stages(config.load([f"run.results_dir={results}", *overrides]))
 
 
-def stage_command(stage: config.Stage, processes: int = 1) -> list[str]:
+def stage_command(stage: planning.Stage, processes: int = 1) -> list[str]:
     """Write the stage's resolved config beside its output directory and return the command a job runs."""
     cfg_path = Path(stage.dir + ".yaml")
     cfg_path.parent.mkdir(parents=True, exist_ok=True)
@@ -84,7 +87,7 @@ def stage_command(stage: config.Stage, processes: int = 1) -> list[str]:
     return [*launcher, "-m", f"lmforge.{stage.name}", str(cfg_path), stage.dir]
 
 
-def run_stage(stage: config.Stage, processes: int = 1) -> subprocess.CompletedProcess:
+def run_stage(stage: planning.Stage, processes: int = 1) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run(stage_command(stage, processes), capture_output=True, text=True, env=env)
     if run.returncode != 0:
@@ -101,3 +104,18 @@ def job_counts(snakemake_output: str) -> dict[str, int]:
             return counts
         counts[name] = int(count)
     raise ValueError("no 'total' row in the Job stats table")
+
+
+def settings(section: type = schema.Config, prefix: str = "") -> list[tuple[str, dataclasses.Field, type]]:
+    """(key, field, type) of every setting in the schema; one stage's resources stand for every stage's."""
+    found = []
+    types = typing.get_type_hints(section)
+    for spec in dataclasses.fields(section):
+        kind = types[spec.name]
+        if dataclasses.is_dataclass(kind):
+            found += settings(kind, f"{prefix}{spec.name}.")
+        elif spec.name == "resources":
+            found += settings(schema.StageResources, f"{prefix}resources.pretrain.")
+        else:
+            found.append((f"{prefix}{spec.name}", spec, kind))
+    return found

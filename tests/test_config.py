@@ -4,13 +4,14 @@ from pathlib import Path
 
 import pytest
 
-from lmforge import config
+from lmforge import config, plan
+from tests.stages import settings
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def keys(overrides=()):
-    return {name: stage.key for name, stage in config.plan(config.load(overrides)).items()}
+    return {name: stage.key for name, stage in plan.stages(config.load(overrides)).items()}
 
 
 def test_unknown_key_names_the_key_and_the_valid_keys():
@@ -46,7 +47,7 @@ def test_changing_run_settings_rekeys_nothing():
 
 
 def test_stage_inputs_point_at_upstream_directories():
-    stages = config.plan(config.load())
+    stages = plan.stages(config.load())
     assert stages["pretrain"].config["inputs"] == {"tokenizer": stages["tokenizer"].dir}
     assert stages["card"].config["run"]["run_key"] == stages["card"].key
 
@@ -96,24 +97,9 @@ def test_out_of_range_values_fail_at_planning_naming_the_key(override, message):
     assert message in str(err.value)
 
 
-def schema_fields(schema=config.Config, prefix=""):
-    """(key, field) of every setting in the schema, nested sections and one stage's resources included."""
-    import dataclasses
-    import typing
-
-    types = typing.get_type_hints(schema)
-    for spec in dataclasses.fields(schema):
-        if dataclasses.is_dataclass(types[spec.name]):
-            yield from schema_fields(types[spec.name], f"{prefix}{spec.name}.")
-        elif spec.name == "resources":
-            yield from schema_fields(config.StageResources, f"{prefix}resources.pretrain.")
-        else:
-            yield f"{prefix}{spec.name}", spec, types[spec.name]
-
-
 def test_every_numeric_setting_has_a_valid_range():
-    numeric = [key for key, spec, kind in schema_fields() if kind in (int, float, int | None, float | None)]
-    unchecked = [key for key, spec, kind in schema_fields() if key in numeric and "check" not in spec.metadata]
+    numeric = [key for key, spec, kind in settings() if kind in (int, float, int | None, float | None)]
+    unchecked = [key for key, spec, kind in settings() if key in numeric and "check" not in spec.metadata]
     assert len(numeric) > 40 and not unchecked
 
 
@@ -160,7 +146,7 @@ def test_every_option_of_every_config_group_composes_and_validates(group, option
     # QLoRA and the GPU presets are planned as they run: with a GPU for the stage that needs it.
     needs_gpu = ["resources.finetune.gpus=1"] if (group, option) == ("finetune", "qlora") else []
     cfg = config.load([f"{group}={option}", *needs_gpu])
-    assert config.plan(cfg)["card"].key
+    assert plan.stages(cfg)["card"].key
 
 
 def test_every_sweep_file_expands_and_validates():

@@ -1,15 +1,13 @@
 """No config value reaches a shell: every string setting, set to shell syntax, fails at planning naming its key,
 or is planned into commands that hold none of it (it travels only inside the stage's YAML config)."""
 
-import dataclasses
-import typing
 from pathlib import Path
 
 import pytest
 
 from lmforge import config
 from lmforge.workflow import snakemake_command
-from tests.stages import TINY
+from tests.stages import TINY, settings
 
 # What a hostile (or careless) value holds; {marker} is a file that must never appear.
 HOSTILE = [
@@ -23,19 +21,9 @@ HOSTILE = [
 ]
 
 
-def string_settings(schema: type = config.Config, prefix: str = "") -> list[str]:
-    """The key of every string-valued setting in the schema (one stage stands for every stage's resources)."""
-    keys = []
-    types = typing.get_type_hints(schema)
-    for spec in dataclasses.fields(schema):
-        kind = types[spec.name]
-        if dataclasses.is_dataclass(kind):
-            keys += string_settings(kind, f"{prefix}{spec.name}.")
-        elif spec.name == "resources":
-            keys += string_settings(config.StageResources, f"{prefix}resources.pretrain.")
-        elif kind in (str, str | None):
-            keys.append(f"{prefix}{spec.name}")
-    return keys
+def string_settings() -> list[str]:
+    """The key of every string-valued setting in the schema."""
+    return [key for key, _, kind in settings() if kind in (str, str | None)]
 
 
 def quoted(key: str, value: str) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from lmforge import config
+from lmforge import config, plan
 from lmforge.workflow import snakemake_command
 from tests.stages import TINY, small_corpus
 
@@ -153,7 +153,7 @@ def epoch(slurm_time: str) -> float:
     return time.mktime(time.strptime(slurm_time, "%Y-%m-%dT%H:%M:%S"))
 
 
-def model_bytes(stage: config.Stage) -> bytes:
+def model_bytes(stage: plan.Stage) -> bytes:
     return (Path(stage.dir) / "model" / "model.safetensors").read_bytes()
 
 
@@ -177,7 +177,7 @@ def test_dag_runs_as_slurm_jobs(slurm_cluster, dirs, squeue_log):
         by_rule[rule] = job
     assert sorted(by_rule) == sorted(RULES)
     for rule, job in by_rule.items():
-        res = config.resources(cfg, rule)
+        res = plan.resources(cfg, rule)
         assert job["JobState"] == "COMPLETED", (rule, job["JobState"])
         assert job["Partition"] == (res.partition or slurm_cluster.cpu_partition), rule
         gpu_fields = " ".join(job.get(k, "") for k in ("TresPerJob", "TresPerNode", "TRES", "Gres"))
@@ -195,7 +195,7 @@ def test_dag_runs_as_slurm_jobs(slurm_cluster, dirs, squeue_log):
     local, local_wall = run_snakemake(dirs["local"], local_ovr, slurm=False)
     assert local.returncode == 0, local.stderr[-6000:]
 
-    slurm_stages, local_stages = config.plan(cfg), config.plan(config.load(local_ovr))
+    slurm_stages, local_stages = plan.stages(cfg), plan.stages(config.load(local_ovr))
     for name in RULES:
         on_slurm, here = slurm_stages[name], local_stages[name]
         assert on_slurm.key == here.key, name
@@ -224,7 +224,7 @@ def test_requeued_training_resumes_bitwise(slurm_cluster, dirs, tmp_path):
     # ~100 tiny steps: a few seconds of training after the first checkpoint (step 10) to requeue in.
     steps = ["train.steps=100", "train.checkpoint_every=10", "train.eval_every=50"]
     slurm_ovr = overrides(dirs, "slurm", *steps)
-    pretrain = config.plan(config.load(slurm_ovr))["pretrain"]
+    pretrain = plan.stages(config.load(slurm_ovr))["pretrain"]
     checkpoint = Path(pretrain.config["run"]["checkpoint_dir"])
     shutil.rmtree(checkpoint, ignore_errors=True)
 
@@ -257,7 +257,7 @@ def test_requeued_training_resumes_bitwise(slurm_cluster, dirs, tmp_path):
     assert f"resumed from {checkpoint} at step" in stage_log, stage_log[-3000:]
 
     local_ovr = overrides(dirs, "local", *steps)
-    local_pretrain = config.plan(config.load(local_ovr))["pretrain"]
+    local_pretrain = plan.stages(config.load(local_ovr))["pretrain"]
     assert local_pretrain.key == pretrain.key
     shutil.rmtree(local_pretrain.config["run"]["checkpoint_dir"], ignore_errors=True)
     local, _ = run_snakemake(dirs["local"], local_ovr, local_pretrain.dir, slurm=False)
@@ -281,7 +281,7 @@ def test_failed_job_is_reported_and_retried_with_more_time(slurm_cluster, dirs, 
         "resources.pretrain.runtime=1",
         "resources.pretrain.signal_before_end_s=10",
     )
-    pretrain = config.plan(config.load(ovr))["pretrain"]
+    pretrain = plan.stages(config.load(ovr))["pretrain"]
     checkpoint = Path(pretrain.config["run"]["checkpoint_dir"])
     shutil.rmtree(checkpoint, ignore_errors=True)
     stage_log = dirs["slurm"] / "results" / "logs" / "pretrain" / f"{pretrain.key}.log"
@@ -346,7 +346,7 @@ def test_two_process_training_runs_as_two_slurm_tasks(slurm_cluster, dirs):
     """train.processes=2: one Slurm job with 2 tasks started by srun, equal to 2 local torchrun processes."""
     extra = ("train.processes=2", "train.steps=8")
     slurm_ovr, local_ovr = overrides(dirs, "slurm", *extra), overrides(dirs, "local", *extra)
-    slurm_stage = config.plan(config.load(slurm_ovr))["pretrain"]
+    slurm_stage = plan.stages(config.load(slurm_ovr))["pretrain"]
     run, _ = run_snakemake(dirs["slurm"], slurm_ovr, slurm_stage.dir, slurm=True)
     output = run.stdout + run.stderr
     try:
@@ -355,7 +355,7 @@ def test_two_process_training_runs_as_two_slurm_tasks(slurm_cluster, dirs):
         cancel_run(output)
     [job] = [j for j in slurm_jobs(run_id(output)) if j["Comment"].startswith("rule_pretrain_")]
     assert job["NumTasks"] == "2", job
-    local_stage = config.plan(config.load(local_ovr))["pretrain"]
+    local_stage = plan.stages(config.load(local_ovr))["pretrain"]
     local, _ = run_snakemake(dirs["local"], local_ovr, local_stage.dir, slurm=False)
     assert local.returncode == 0, (local.stdout + local.stderr)[-4000:]
     assert model_bytes(slurm_stage) == model_bytes(local_stage)

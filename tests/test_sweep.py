@@ -14,6 +14,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from lmforge import config, scaling, sweep
+from lmforge import plan as planning
 from lmforge.workflow import snakemake_command
 from tests.stages import TINY, job_counts
 
@@ -46,7 +47,7 @@ def test_a_sweep_is_the_cartesian_product_and_shares_upstream_stages():
     assert plan.id.startswith("sweep-") and plan.scaling is None
     assert {run["pretrain"].config["run"]["sweep"] for run in plan.runs} == {plan.id}
     # A configuration of the sweep is the configuration itself: same keys as planning it alone.
-    alone = config.plan(config.load(["train.lr=3e-4", "finetune=lora"]))
+    alone = planning.stages(config.load(["train.lr=3e-4", "finetune=lora"]))
     assert {name: stage.key for name, stage in plan.runs[3].items()} == {n: s.key for n, s in alone.items()}
 
 

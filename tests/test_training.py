@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lmforge import config, finetune, pretrain, train_loop, workflow
+from lmforge import plan as planning
 from tests.stages import TINY, plan, run_stage, small_corpus, stage_command
 
 
@@ -199,7 +200,7 @@ def test_training_options_that_cannot_run_fail_at_planning(overrides, message):
 )
 def test_training_jobs_ask_slurm_for_one_task_per_gpu(overrides, expected):
     """`gpus` is per node: the job asks for gpus x nodes GPUs (--gpus) and one task on each (--ntasks-per-gpu=1)."""
-    stage = config.plan(config.load(overrides))["pretrain"]
+    stage = planning.stages(config.load(overrides))["pretrain"]
     requested = workflow.slurm_resources(stage)
     assert {key: requested.get(key) for key in expected} == expected
 

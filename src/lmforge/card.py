@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData, try_to_load_from_cache
 
-from lmforge import config, stage
+from lmforge import plan, stage
 
 ROWS = [  # (label, model key, metric key)
     ("n-gram baseline", "baseline", None),
@@ -78,7 +78,7 @@ def compute_table(manifests: dict) -> str:
     ]
     for name in ("pretrain", "finetune"):
         manifest = manifests[name]
-        processes = config.Stage(name, manifest["key"], manifest["config"]).processes
+        processes = plan.Stage(name, manifest["key"], manifest["config"]).processes
         metrics, seconds = manifest["metrics"], manifest["duration_s"]
         flops = (
             f"{6 * metrics['non_embedding_parameters'] * metrics['train_tokens_seen']:.2e} FLOPs "

@@ -33,7 +33,7 @@ from pathlib import Path
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
-from lmforge import config, sweep
+from lmforge import config, plan, schema, sweep
 from lmforge.tracking import tracking_uri
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
@@ -198,9 +198,9 @@ class Context:
     def cfg(self) -> DictConfig:
         return self.cfgs[0]
 
-    def stages(self) -> list[tuple[str, config.StageResources]]:
+    def stages(self) -> list[tuple[str, schema.StageResources]]:
         """Each stage's resources in every configuration, each distinct request once."""
-        pairs = [(stage, config.resources(cfg, stage)) for cfg in self.cfgs for stage in config.STAGES]
+        pairs = [(stage, plan.resources(cfg, stage)) for cfg in self.cfgs for stage in plan.STAGES]
         return [pair for i, pair in enumerate(pairs) if pair not in pairs[:i]]
 
     def partitions(self) -> tuple[list[str], str | None, str | None]:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import yaml
 
-from lmforge import config, tracking
+from lmforge import plan, tracking
 
 RUN_KEY_TAG = "lmforge.run_key"  # the configuration's key (its card stage's key), on the parent and its children
 CONFIGURATION_ROLE = {"lmforge.role": "configuration"}
@@ -61,7 +61,7 @@ def configuration_stages(last_dir: Path) -> dict[str, Path]:
         manifest = json.loads((directory / "manifest.json").read_text())
         found[manifest["stage"]] = directory
         pending += [Path(path) for dep, path in manifest["config"]["inputs"].items() if dep not in found]
-    return {name: found[name] for name in config.STAGES if name in found}
+    return {name: found[name] for name in plan.STAGES if name in found}
 
 
 def read_record(stage_dir: Path) -> dict:

@@ -7,7 +7,7 @@ Overrides expand as Hydra's BasicSweeper expands a multirun: choices `a,b`, `ran
 a later override of a key replaces an earlier one, and the configurations are the cartesian product of
 the swept keys. A sweep file `conf/sweep/<name>.yaml` is a mapping `key: "v1,v2"`, the shape of Hydra's
 `hydra.sweeper.params`; the command line's overrides come after it. Every configuration is composed and
-validated before anything runs, then planned with `config.plan`; stages with equal keys are one job.
+validated before anything runs, then planned with `lmforge.plan.stages`; stages with equal keys are one job.
 
 The sweep id, `run.sweep` of every configuration, is the sweep file's name, else `sweep-` and a digest
 of the swept keys: not of their values, so adding a value to the grid keeps the id. `run.sweep=...` on
@@ -21,13 +21,15 @@ from dataclasses import dataclass
 
 import yaml
 from hydra import initialize_config_dir
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 
-from lmforge import config
-from lmforge.config import ConfigError, Stage, StageResources
+from lmforge import config, hydra_api
+from lmforge import plan as planning
+from lmforge.config import ConfigError
+from lmforge.plan import Stage, digest, resources
+from lmforge.schema import StageResources
 
 SWEEP_DIR = config.CONF_DIR / "sweep"
 
@@ -35,7 +37,7 @@ SWEEP_DIR = config.CONF_DIR / "sweep"
 @dataclass
 class Sweep:
     id: str | None
-    runs: list[dict[str, Stage]]  # each configuration's stages, as config.plan gives them
+    runs: list[dict[str, Stage]]  # each configuration's stages, as lmforge.plan.stages gives them
     stages: dict[str, dict[str, Stage]]  # the DAG's jobs: stage name -> key -> stage; shared stages once
     scaling: Stage | None  # the scaling-law fit, for a sweep over model sizes and training lengths
 
@@ -70,7 +72,7 @@ def expand(overrides: Sequence[str]) -> tuple[str | None, list[list[str]]]:
                 raise ConfigError(f"sweep= names one file of {SWEEP_DIR}, not {names[-1]}.")
             from_file = parser.parse_overrides(sweep_file(names[-1])) if names else []
             parsed = from_file + [o for o in command_line if o.key_or_group != "sweep"]
-            [grid] = BasicSweeper.split_arguments(parsed, max_batch_size=None)
+            grid = hydra_api.sweep_grid(parsed)
         except HydraException as err:
             raise ConfigError(str(err)) from None
     named = [str(o.value()) for o in parsed if o.key_or_group == "run.sweep"]
@@ -78,18 +80,18 @@ def expand(overrides: Sequence[str]) -> tuple[str | None, list[list[str]]]:
     swept = sorted(key for key, o in last.items() if o.is_sweep_override())
     if named or not (names or swept):
         return (named[-1] if named else None), grid
-    sweep_id = names[-1] if names else f"sweep-{config.digest(swept)[:8]}"
+    sweep_id = names[-1] if names else f"sweep-{digest(swept)[:8]}"
     return sweep_id, [[*configuration, f"run.sweep={sweep_id}"] for configuration in grid]
 
 
 def scaling_stage(runs: list[dict[str, Stage]], resources: StageResources) -> Stage | None:
     """The fit of L(N, D) over the sweep's pretraining runs, when they differ in both model and train.steps."""
     pretrains = list({run["pretrain"].key: run["pretrain"] for run in runs}.values())
-    models = {config.digest(stage.config["model"]) for stage in pretrains}
+    models = {digest(stage.config["model"]) for stage in pretrains}
     steps = {stage.config["train"]["steps"] for stage in pretrains}
     if len(models) < 2 or len(steps) < 2:
         return None
-    key = config.digest({"stage": "scaling", "config": {}, "inputs": sorted(stage.key for stage in pretrains)})
+    key = digest({"stage": "scaling", "config": {}, "inputs": sorted(stage.key for stage in pretrains)})
     # Its own MLflow parent run (run_key): the fit belongs to the sweep, not to one configuration.
     run = {name: value for name, value in pretrains[0].config["run"].items() if name != "checkpoint_dir"}
     stage_cfg = {
@@ -105,7 +107,7 @@ def plan(overrides: Sequence[str]) -> Sweep:
     """Expand, compose, validate and plan every configuration of a sweep (or the one configuration)."""
     sweep_id, grid = expand(overrides)
     cfgs = config.load_many(grid)
-    runs = [config.plan(cfg) for cfg in cfgs]
+    runs = [planning.stages(cfg) for cfg in cfgs]
     results_dirs = {run["card"].config["run"]["results_dir"] for run in runs}
     if len(results_dirs) > 1:
         raise ConfigError(f"A sweep writes into one run.results_dir, not {len(results_dirs)}: {sorted(results_dirs)}.")
@@ -113,7 +115,7 @@ def plan(overrides: Sequence[str]) -> Sweep:
     for run in runs:
         for name, stage in run.items():
             stages.setdefault(name, {}).setdefault(stage.key, stage)
-    scaling = scaling_stage(runs, config.resources(cfgs[0], "scaling"))
+    scaling = scaling_stage(runs, resources(cfgs[0], "scaling"))
     if scaling:
         stages["scaling"] = {scaling.key: scaling}
     return Sweep(sweep_id, runs, stages, scaling)

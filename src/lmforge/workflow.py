@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from lmforge.config import Stage
+from lmforge.plan import Stage
 
 REPO = Path(__file__).resolve().parents[2]
 PROFILES = REPO / "profiles"

@@ -5,6 +5,7 @@ import shlex
 import sys
 
 from lmforge import config as lmconfig
+from lmforge import plan as lmplan
 from lmforge import sweep as lmsweep
 from lmforge import workflow as lmworkflow
 

@@ -1,7 +1,7 @@
-# One rule per stage of the registry (lmforge.config.STAGES): `python -m lmforge.<stage> CONFIG OUT` on the
+# One rule per stage of the registry (lmforge.plan.STAGES): `python -m lmforge.<stage> CONFIG OUT` on the
 # job's own stage, found by its {key}. The scaling fit has a job only in a sweep over model sizes and training
 # lengths; `snakemake --until scaling` runs that ladder and the fit only.
-for stage_name in lmconfig.STAGES:
+for stage_name in lmplan.STAGES:
 
     rule:
         name:

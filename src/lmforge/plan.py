@@ -1,0 +1,102 @@
+"""The stage registry and the plan: which stages a configuration runs, and the key that names each one's directory.
+
+Each stage's key is a hash of the config sections it reads plus its upstream stages' keys (a Merkle chain,
+known before anything runs), so changing `train.lr` gives pretraining a new directory while curation and the
+tokenizer keep theirs, and configurations of a sweep that agree on a stage share its job.
+
+Adding a stage: a registry entry here, a module `lmforge.<name>` with `main(cfg, out, tracker)`, and its
+config group; the Snakemake rule is made from the registry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from lmforge.schema import StageResources
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage of the pipeline: the module `lmforge.<name>` and what its key depends on."""
+
+    sections: tuple[str, ...] = ()  # config sections the stage reads: hashed into its key, handed to it
+    inputs: tuple[str, ...] = ()  # stages whose outputs it reads
+    train: str | None = None  # its training section, for training stages: processes, GPUs, ZeRO
+    per_sweep: bool = False  # one job for a whole sweep (lmforge.sweep plans it), not one per configuration
+
+
+# The registry: the Snakemake rules, the stage keys, and the checks above are made from it.
+STAGES: dict[str, StageSpec] = {
+    "curate": StageSpec(sections=("data",)),
+    "tokenizer": StageSpec(sections=("tokenizer", "seed"), inputs=("curate",)),
+    "baseline": StageSpec(sections=("baseline",), inputs=("curate", "tokenizer")),
+    "pretrain": StageSpec(sections=("model", "train", "seed"), inputs=("tokenizer",), train="train"),
+    "finetune": StageSpec(
+        sections=("finetune", "seed"), inputs=("curate", "tokenizer", "pretrain"), train="finetune.train"
+    ),
+    "quantize": StageSpec(sections=("quantize",), inputs=("finetune",)),
+    "evaluate": StageSpec(
+        sections=("eval", "seed"), inputs=("curate", "tokenizer", "baseline", "pretrain", "finetune", "quantize")
+    ),
+    "card": StageSpec(
+        sections=("card",), inputs=("curate", "tokenizer", "pretrain", "finetune", "quantize", "evaluate")
+    ),
+    "scaling": StageSpec(inputs=("pretrain",), per_sweep=True),
+}
+
+
+def digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+@dataclass
+class Stage:
+    name: str
+    key: str
+    config: dict  # the resolved stage config handed to `python -m lmforge.<name>`
+    resources: StageResources = field(default_factory=StageResources)
+
+    @property
+    def dir(self) -> str:
+        return f"{self.config['run']['results_dir']}/{self.name}/{self.key}"
+
+    @property
+    def processes(self) -> int:
+        """The training processes of a training stage (one job of N tasks); 1 for the other stages."""
+        train = STAGES[self.name].train
+        if train is None:
+            return 1
+        section = self.config
+        for part in train.split("."):
+            section = section[part]
+        return section["processes"]
+
+
+def stages(cfg: DictConfig) -> dict[str, Stage]:
+    """The stages of one configuration, each keyed by its config and its inputs' keys."""
+    full = OmegaConf.to_container(cfg, resolve=True)
+    run = dict(full["run"])
+    stages: dict[str, Stage] = {}
+    for name, spec in STAGES.items():
+        if spec.per_sweep:
+            continue
+        own = {section: full[section] for section in spec.sections}
+        upstream = {dep: stages[dep].key for dep in spec.inputs}
+        key = digest({"stage": name, "config": own, "inputs": upstream})
+        stage_cfg = {"stage": name, "key": key, **own, "inputs": {dep: stages[dep].dir for dep in spec.inputs}}
+        stage_cfg["run"] = {**run, "run_key": None, "checkpoint_dir": f"{run['results_dir']}/checkpoints/{name}/{key}"}
+        stages[name] = Stage(name, key, stage_cfg, resources(cfg, name))
+    run_key = stages["card"].key  # the card depends on everything: one key per configuration
+    for stage in stages.values():
+        stage.config["run"]["run_key"] = run_key
+    return stages
+
+
+def resources(cfg: DictConfig, stage: str) -> StageResources:
+    node = cfg.resources.get(stage)
+    return StageResources(**OmegaConf.to_container(node)) if node is not None else StageResources()

@@ -1,0 +1,225 @@
+"""The config schema: every setting's type, default, and valid range or choices.
+
+The YAML files under conf/ hold the values; the dataclasses here hold the types, and each setting with a
+range or a set of choices declares it (`setting(default, check)`), so `lmforge.config` can check every
+value when the DAG is planned and name the key of one that is out of range.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+# -- valid values: each setting that has a range or a set of choices says so where it is declared ------------
+
+
+@dataclass(frozen=True)
+class Check:
+    """What a valid value is, in words for the error message, and as a test."""
+
+    says: str
+    holds: Callable[[Any], bool]
+
+
+def setting(default: Any, check: Check) -> Any:
+    """A schema field whose value must pass `check` (None passes: it means "not set")."""
+    return field(default=default, metadata={"check": check})
+
+
+def at_least(low: float) -> Check:
+    return Check(f">= {low}", lambda v: v >= low)
+
+
+def above(low: float) -> Check:
+    return Check(f"> {low}", lambda v: v > low)
+
+
+def fraction(upper_open: bool = True) -> Check:
+    return Check("in [0, 1)", lambda v: 0 <= v < 1) if upper_open else Check("in [0, 1]", lambda v: 0 <= v <= 1)
+
+
+def one_of(*choices: Any) -> Check:
+    return Check(f"one of {', '.join(map(str, choices))}", lambda v: v in choices)
+
+
+def matches(pattern: str, says: str) -> Check:
+    compiled = re.compile(pattern)
+    return Check(says, lambda v: compiled.fullmatch(v) is not None)
+
+
+# Names that become directories, MLflow experiments and Slurm arguments: no shell or wildcard characters.
+NAME = matches(r"(?!\.{1,2}$)[A-Za-z0-9._-]+", "letters, digits and . _ - only (a file name)")
+PATH = matches(r"(?!-)[A-Za-z0-9._/+,@=:-]+", "a path of letters, digits and . _ / + , @ = : - only")
+PARTITIONS = matches(r"[A-Za-z0-9._-]+(,[A-Za-z0-9._-]+)*", "Slurm partition names, comma-separated")
+
+
+@dataclass
+class TaskConfig:
+    min_docstring_words: int = setting(5, at_least(1))
+    max_docstring_chars: int = setting(400, at_least(1))
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    # "stdlib", a local .jsonl/.parquet/.txt file or directory, or a Hub dataset name.
+    source: str = MISSING
+    text_field: str = "text"
+    license: str = MISSING
+    normalization: str = setting("NFC", one_of("NFC", "NFD", "NFKC", "NFKD"))
+    min_chars: int = setting(64, at_least(0))
+    max_chars: int = setting(200_000, at_least(1))
+    max_documents: int | None = setting(None, at_least(1))
+    validation_fraction: float = setting(0.05, fraction())
+    test_fraction: float = setting(0.1, fraction())
+    task: TaskConfig = field(default_factory=TaskConfig)
+
+
+# Byte-level BPE starts from the 256 byte tokens and 4 special tokens: a smaller vocabulary cannot exist.
+MIN_VOCAB_SIZE = 256 + 4 + 1
+
+
+@dataclass
+class TokenizerConfig:
+    vocab_size: int = setting(4096, at_least(MIN_VOCAB_SIZE))
+    min_frequency: int = setting(2, at_least(1))
+    chat_template: str = MISSING
+
+
+@dataclass
+class BaselineConfig:
+    order: int = setting(2, at_least(1))
+    discount: float = setting(0.75, Check("in (0, 1)", lambda v: 0 < v < 1))
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    architecture: str = setting("llama", one_of("llama", "gpt2"))
+    hidden_size: int = setting(128, at_least(1))
+    intermediate_size: int = setting(384, at_least(1))
+    num_layers: int = setting(4, at_least(1))
+    num_heads: int = setting(4, at_least(1))
+    num_kv_heads: int = setting(4, at_least(1))
+    max_seq_len: int = setting(256, at_least(2))
+
+
+@dataclass
+class TrainConfig:
+    steps: int = setting(300, at_least(1))
+    micro_batch_size: int = setting(16, at_least(1))
+    grad_accum: int = setting(1, at_least(1))
+    lr: float = setting(3e-3, above(0))
+    min_lr_ratio: float = setting(0.1, fraction(upper_open=False))
+    warmup_steps: int = setting(30, at_least(0))
+    weight_decay: float = setting(0.1, at_least(0))
+    grad_clip: float = setting(1.0, above(0))
+    zero_stage: int = setting(0, one_of(0, 1, 2, 3))
+    # fp32 | bf16 (DeepSpeed's: bf16 weights and gradients, fp32 master weights)
+    precision: str = setting("fp32", one_of("fp32", "bf16"))
+    eval_every: int = setting(100, at_least(1))
+    eval_batches: int = setting(8, at_least(1))
+    checkpoint_every: int = setting(100, at_least(1))
+    processes: int = setting(1, at_least(1))
+    # To CPU memory: the optimizer (ZeRO 1-3), or the optimizer and the parameters (ZeRO 3)
+    offload: str = setting("none", one_of("none", "optimizer", "optimizer+parameters"))
+    activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile the model; minutes of compilation at the start
+    attention: str = setting("sdpa", one_of("sdpa", "eager", "flash_attention_2"))  # flash: the flash-attn package
+    peak_tflops: float | None = setting(None, above(0))  # a device's bf16 peak, for MFU; None: from the GPU's name
+
+
+@dataclass
+class LoraConfig:
+    r: int = setting(16, at_least(1))
+    alpha: int = setting(32, at_least(1))
+    dropout: float = setting(0.0, fraction())
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+@dataclass
+class FinetuneConfig:
+    method: str = setting("full", one_of("full", "lora", "qlora"))
+    base: str = "pretrain"  # `pretrain` (this pipeline's model) or a Hugging Face model name or local path
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class QuantizeConfig:
+    method: str = setting("int8_weight_only", one_of("int8_weight_only", "none"))
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = setting(0.8, above(0))
+    top_k: int = setting(50, at_least(0))  # 0: no top-k cut
+    top_p: float = setting(0.95, Check("in (0, 1]", lambda v: 0 < v <= 1))
+
+
+@dataclass
+class EvalConfig:
+    max_new_tokens: int = setting(16, at_least(1))
+    few_shot: int = setting(3, at_least(0))
+    max_task_examples: int | None = setting(None, at_least(1))
+    max_test_documents: int | None = setting(None, at_least(1))
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    prompt_template: str = "# {docstring}\ndef "
+    shot_template: str = "# {docstring}\ndef {name}(...):\n    ...\n\n"
+
+
+@dataclass
+class CardConfig:
+    model_name: str = "lmforge-tiny-docstring2name"
+    license: str = "apache-2.0"
+    language: str = "code"
+
+
+@dataclass
+class StageResources:
+    cpus: int = setting(1, at_least(1))
+    mem_mb: int = setting(4000, at_least(1))
+    runtime: int = setting(60, at_least(1))  # minutes, per attempt
+    # Per node; training stages run one process per GPU (train.processes = gpus x nodes)
+    gpus: int = setting(0, at_least(0))
+    nodes: int = setting(1, at_least(1))
+    partition: str | None = setting(None, PARTITIONS)
+    # Training stages: Slurm sends SIGURG this many seconds before the walltime; the loop checkpoints and exits.
+    signal_before_end_s: int | None = setting(None, at_least(1))
+
+
+@dataclass
+class RunConfig:
+    """Where and under what name a run is recorded. Not part of any stage hash."""
+
+    results_dir: str = setting("results", PATH)
+    experiment: str = setting("lmforge", NAME)
+    mlflow_uri: str | None = None  # default: sqlite in results_dir; MLFLOW_TRACKING_URI overrides
+    wandb: bool = False
+    sweep: str | None = setting(None, NAME)  # the id of this configuration's sweep; set by the sweep expansion
+
+
+@dataclass
+class Config:
+    seed: int = setting(1234, at_least(0))
+    data: DataConfig = MISSING
+    tokenizer: TokenizerConfig = MISSING
+    baseline: BaselineConfig = MISSING
+    model: ModelConfig = MISSING
+    train: TrainConfig = MISSING
+    finetune: FinetuneConfig = MISSING
+    quantize: QuantizeConfig = MISSING
+    eval: EvalConfig = MISSING
+    card: CardConfig = field(default_factory=CardConfig)
+    resources: dict[str, StageResources] = field(default_factory=dict)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+ConfigStore.instance().store(name="schema", node=Config)
