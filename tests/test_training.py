@@ -8,6 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 import torch
@@ -98,43 +99,140 @@ def test_finetuning_any_local_hugging_face_model(prepared, tmp_path):
     assert finetune.end_of_turn_ids(tuned) == [tuned.eos_token_id]
 
 
-@pytest.mark.parametrize("processes,zero", [(1, 0), (2, 3)])
-def test_interrupted_training_resumes_to_identical_weights(prepared, processes, zero):
-    root, base = prepared
-    overrides = ["train.steps=60", "train.checkpoint_every=5", "train.eval_every=30"]
-    stage = plan(root / "results", [*base, *overrides, f"train.processes={processes}", f"train.zero_stage={zero}"])[
-        "pretrain"
-    ]
-    checkpoints = Path(stage.config["run"]["checkpoint_dir"])
-    run_stage(stage, processes)
-    uninterrupted = weights(stage)
-    shutil.rmtree(stage.dir)
-    shutil.rmtree(checkpoints)
+LONG_RUN = ["train.steps=60", "train.checkpoint_every=5", "train.eval_every=30"]  # long enough to stop mid-run
 
+# Damage to a checkpoint file: one its recorded size reveals, and one only loading it does.
+CORRUPTIONS = {"truncated": lambda data: data[: len(data) // 2], "overwritten": lambda data: bytes(len(data))}
+
+
+def long_pretraining(prepared, processes: int = 1, zero: int = 0):
+    root, base = prepared
+    overrides = [*base, *LONG_RUN, f"train.processes={processes}", f"train.zero_stage={zero}"]
+    return plan(root / "results", overrides)["pretrain"]
+
+
+def checkpoint_dir(stage) -> Path:
+    return Path(stage.config["run"]["checkpoint_dir"])
+
+
+def preempt(stage, processes: int, stop_signal: signal.Signals) -> None:
+    """Train the stage from scratch and send `stop_signal` once its first checkpoint is complete: it must stop."""
+    checkpoints = checkpoint_dir(stage)
+    shutil.rmtree(stage.dir, ignore_errors=True)
+    shutil.rmtree(checkpoints, ignore_errors=True)
     job = subprocess.Popen(stage_command(stage, processes), stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while not (checkpoints / "latest").exists() and time.time() < deadline:
+    while not any(checkpoints.glob(f"step*/{train_loop.COMPLETE}")) and time.time() < deadline:
         time.sleep(0.01)
-    # What Slurm sends before the walltime. With torchrun, only the last rank gets it: the ranks must still
-    # agree to stop at the same step, as when Slurm's signal reaches its tasks during different steps.
+    # With torchrun, only the last rank gets the signal: the ranks must still agree to stop at the same step,
+    # as when Slurm's signal reaches its tasks during different steps.
     ranks = psutil.Process(job.pid).children() if processes > 1 else [psutil.Process(job.pid)]
-    ranks[-1].send_signal(signal.SIGUSR1)
+    ranks[-1].send_signal(stop_signal)
     _, err = job.communicate(timeout=120)
-    assert job.returncode != 0 and "SIGUSR1 received" in err, err[-2000:]
+    assert job.returncode != 0 and f"{stop_signal.name} received" in err, err[-2000:]
     assert not Path(stage.dir).exists()
 
+
+@pytest.mark.parametrize(
+    "processes,zero,stop_signal",
+    [(1, 0, signal.SIGTERM), (2, 3, signal.SIGUSR1)],
+    ids=["preempted", "walltime-zero3-2-processes"],  # Slurm sends SIGTERM to preempt, SIGUSR1 before the walltime
+)
+def test_interrupted_training_resumes_to_identical_weights(prepared, processes, zero, stop_signal):
+    stage = long_pretraining(prepared, processes, zero)
+    shutil.rmtree(checkpoint_dir(stage), ignore_errors=True)
+    run_stage(stage, processes)
+    uninterrupted = weights(stage)
+
+    preempt(stage, processes, stop_signal)
     run = run_stage(stage, processes)  # the resubmitted job
     assert "resumed from" in run.stderr
     resumed = weights(stage)
     assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted)
 
 
+@pytest.mark.parametrize("name", ["pretrain", "finetune"])
+def test_rerunning_a_finished_training_stage_exports_the_same_model(prepared, tmp_path, name):
+    """Its output directory moved away, the stage resumes its final checkpoint, trains no steps and exports."""
+    root, base = prepared
+    stages = plan(root / "results", base)
+    for needed in ("pretrain", name):
+        if not Path(stages[needed].dir).exists():
+            run_stage(stages[needed])
+    stage = stages[name]
+    first = Path(shutil.move(stage.dir, tmp_path / "first"))
+
+    run = run_stage(stage)
+    assert "at step 6 of 6" in run.stderr  # TINY's last step
+    first_weights = load_file(first / "model" / "model.safetensors")
+    assert all(torch.equal(first_weights[k], v) for k, v in weights(stage).items())
+    first_metrics = json.loads((first / "manifest.json").read_text())["metrics"]
+    assert {k: metrics(stage)[k] for k in ("train_loss", "validation_loss")} == {
+        k: first_metrics[k] for k in ("train_loss", "validation_loss")
+    }
+
+
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(prepared):
+    stage = long_pretraining(prepared)
+    if not Path(stage.dir).exists():
+        run_stage(stage)
+    reference = weights(stage)
+    preempt(stage, 1, signal.SIGTERM)
+    checkpoints = checkpoint_dir(stage)
+    (previous,) = checkpoints.glob("step*")
+    # As if the job had been killed after completing its last checkpoint, before removing the previous one,
+    # and a file of the newest had been truncated since.
+    newest = checkpoints / "step60"
+    shutil.copytree(previous, newest)
+    model_states = newest / "mp_rank_00_model_states.pt"
+    model_states.write_bytes(CORRUPTIONS["truncated"](model_states.read_bytes()))
+
+    run = run_stage(stage)
+    assert f"skipping checkpoint {newest} is corrupt: mp_rank_00_model_states.pt has" in run.stderr
+    assert f"falling back to the previous checkpoint, {previous}" in run.stderr
+    assert f"resumed from {checkpoints} at step {train_loop.checkpoint_step(previous)} of 60" in run.stderr
+    resumed = weights(stage)
+    assert all(torch.equal(reference[k], resumed[k]) for k in reference)
+    assert list(checkpoints.glob("step*")) == [newest] and train_loop.checkpoint_problem(newest) is None
+
+
+@pytest.mark.parametrize("corruption", CORRUPTIONS)
+def test_a_corrupt_only_checkpoint_stops_with_its_path(prepared, tmp_path, corruption):
+    root, base = prepared
+    stage = plan(root / "results", base)["pretrain"]
+    if not Path(stage.dir).exists():
+        run_stage(stage)
+    # A copy of its final checkpoint, so that the stage's own stays intact for the other tests.
+    checkpoints = Path(shutil.copytree(checkpoint_dir(stage), tmp_path / "checkpoints"))
+    stage.config["run"]["checkpoint_dir"] = str(checkpoints)
+    model_states = checkpoints / "step6" / "mp_rank_00_model_states.pt"
+    model_states.write_bytes(CORRUPTIONS[corruption](model_states.read_bytes()))
+
+    run = subprocess.run(stage_command(stage), capture_output=True, text=True)
+    assert run.returncode != 0
+    assert str(checkpoints / "step6") in run.stderr, run.stderr[-2000:]
+    assert f"Delete {checkpoints} to train this stage from scratch." in run.stderr
+
+
+def validation_loss(model, stage) -> float:
+    """The loss of `model` on the first validation blocks of the stage's tokenizer."""
+    tokens = np.load(f"{stage.config['inputs']['tokenizer']}/tokens/validation.npy")
+    batch = pretrain.block_batch(pretrain.blocks(tokens, stage.config["model"]["max_seq_len"]), list(range(8)))
+    with torch.no_grad():
+        return model(**batch).loss.item()
+
+
 def test_bf16_training_with_zero2_and_two_processes(prepared):
     root, base = prepared
-    stages = plan(root / "results", [*base, "train.precision=bf16", "train.zero_stage=2", "train.processes=2"])
-    run_stage(stages["pretrain"], processes=2)
-    assert all(t.dtype == torch.float32 for t in weights(stages["pretrain"]).values())  # exported in full precision
-    assert metrics(stages["pretrain"])["validation_loss"] < 6.3  # below uniform over 512 tokens: it learned
+    overrides = [*base, "train.precision=bf16", "train.zero_stage=2", "train.processes=2"]
+    stage = plan(root / "results", overrides)["pretrain"]
+    run_stage(stage, processes=2)
+    assert all(t.dtype == torch.float32 for t in weights(stage).values())  # exported in full precision
+    trained = AutoModelForCausalLM.from_pretrained(f"{stage.dir}/model").eval()
+    torch.manual_seed(stage.config["seed"])
+    untrained = AutoModelForCausalLM.from_config(trained.config).eval()  # a fresh model, as training starts from
+    # Its 6 steps take about 0.16 nats off the untrained model's loss (ln 512 = 6.24): the export learned.
+    assert validation_loss(trained, stage) < validation_loss(untrained, stage) - 0.1
 
 
 @pytest.mark.parametrize(

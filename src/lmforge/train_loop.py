@@ -5,12 +5,17 @@ environment comes from torchrun, or from Slurm (via submitit), or is a single
 local process. Checkpoints live outside the stage's output directory, so a
 killed or requeued job resumes from the last one: model, optimizer, LR schedule,
 data position and RNG state. SIGURG (Slurm's warning before the walltime), SIGUSR1 and
-SIGTERM (preemption) save a checkpoint and stop.
+SIGTERM (preemption) save a checkpoint and stop. A checkpoint is complete once every rank
+has written it and rank 0 has recorded its file sizes; only then is the previous one removed.
+Resuming skips a newest checkpoint that is incomplete (the job was killed while saving it) or
+whose files changed since, for the previous one. A rerun after the last step trains nothing
+and exports the model from the final checkpoint.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
 import random
@@ -185,6 +190,64 @@ def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
 
 
+COMPLETE = "complete.json"  # in a checkpoint, written last: the size of each of its files
+
+
+def checkpoint_step(directory: Path) -> int:
+    return int(directory.name.removeprefix("step"))
+
+
+def mark_complete(directory: Path) -> None:
+    """Record the checkpoint's file sizes, so that a file missing or truncated later is noticed before loading."""
+    sizes = {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*")) if p.is_file()}
+    partial = directory / f"{COMPLETE}.partial"
+    partial.write_text(json.dumps(sizes, indent=2) + "\n")
+    partial.replace(directory / COMPLETE)  # atomic: a half-written record never marks a checkpoint complete
+
+
+def checkpoint_problem(directory: Path) -> str | None:
+    """Why the checkpoint in `directory` cannot be resumed from; None when it is complete and unchanged."""
+    if not (directory / COMPLETE).exists():
+        return f"incomplete (no {COMPLETE}: the job stopped while saving it)"
+    for name, size in json.loads((directory / COMPLETE).read_text()).items():
+        path = directory / name
+        if not path.is_file():
+            return f"corrupt: {name} is missing"
+        if path.stat().st_size != size:
+            return f"corrupt: {name} has {path.stat().st_size} bytes, {size} when saved"
+    return None
+
+
+def resumable_checkpoint(checkpoint_dir: Path, report: bool) -> str | None:
+    """The tag of the newest complete checkpoint; None when there is no checkpoint at all.
+
+    Every rank decides alike from the shared filesystem; `report` prints why newer ones are skipped.
+    """
+    checkpoints = sorted(checkpoint_dir.glob("step*"), key=checkpoint_step, reverse=True)
+    problems = []
+    for directory in checkpoints:
+        problem = checkpoint_problem(directory)
+        if problem is None:
+            if problems and report:
+                print(f"falling back to the previous checkpoint, {directory}", file=sys.stderr)
+            return directory.name
+        problems.append(f"{directory} is {problem}")
+        if report:
+            print(f"skipping checkpoint {problems[-1]}", file=sys.stderr)
+    if checkpoints:
+        raise SystemExit(
+            f"no checkpoint in {checkpoint_dir} can be resumed from: {'; '.join(problems)}. "
+            f"Delete {checkpoint_dir} to train this stage from scratch."
+        )
+    return None
+
+
+def remove_checkpoints_except(checkpoint_dir: Path, tag: str) -> None:
+    for old in checkpoint_dir.glob("step*"):
+        if old.name != tag:
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def train(
     model: torch.nn.Module,
     collate: Callable[[list[int]], dict],
@@ -218,21 +281,34 @@ def train(
     peak = peak_tflops(tcfg, device)
 
     checkpoint_dir = Path(checkpoint_dir)
-    start_step = 0
-    if (checkpoint_dir / "latest").exists():
-        _, client = engine.load_checkpoint(str(checkpoint_dir))
-        start_step = client["step"]
+    # The metrics so far travel in each checkpoint: a rerun after the last step (its output directory removed)
+    # then reports the train and validation loss of the run that trained the model, the same as the first time.
+    start_step, metrics = 0, {}
+    tag = resumable_checkpoint(checkpoint_dir, report=rank == 0)
+    if tag is not None:
+        torch.distributed.barrier()  # every rank has chosen before rank 0 removes the newer, broken checkpoints
+        if rank == 0:  # their steps are trained again; keeping them would mix old files into new checkpoints
+            remove_checkpoints_except(checkpoint_dir, tag)
+        try:
+            _, client = engine.load_checkpoint(str(checkpoint_dir), tag=tag)
+        except Exception as error:  # the sizes match, the contents do not load
+            raise SystemExit(
+                f"cannot load checkpoint {checkpoint_dir / tag} ({type(error).__name__}: {error}). "
+                f"Delete {checkpoint_dir} to train this stage from scratch."
+            ) from error
+        start_step, metrics = client["step"], client["metrics"]
         _set_rng_state(client["rng"][rank])
-        print(f"resumed from {checkpoint_dir} at step {start_step}", file=sys.stderr)
+        print(f"resumed from {checkpoint_dir} at step {start_step} of {tcfg['steps']}", file=sys.stderr)
 
     def save(step: int) -> None:
         states = [None] * world
         torch.distributed.all_gather_object(states, _rng_state())
-        engine.save_checkpoint(str(checkpoint_dir), tag=f"step{step}", client_state={"step": step, "rng": states})
-        if rank == 0:  # keep only the newest checkpoint: quotas on shared filesystems are small
-            for old in checkpoint_dir.glob("step*"):
-                if old.name != f"step{step}":
-                    shutil.rmtree(old, ignore_errors=True)
+        client = {"step": step, "rng": states, "metrics": metrics}
+        engine.save_checkpoint(str(checkpoint_dir), tag=f"step{step}", client_state=client)
+        torch.distributed.barrier()  # every rank has written its files
+        if rank == 0:  # only now may the previous checkpoint go: quotas on shared filesystems are small
+            mark_complete(checkpoint_dir / f"step{step}")
+            remove_checkpoints_except(checkpoint_dir, f"step{step}")
 
     def validation_loss() -> float:
         engine.eval()
@@ -245,7 +321,7 @@ def train(
     engine.train()
     # Since the last log line, on this rank: tokens with a loss, tokens through the model, and the model FLOPs.
     trained_tokens = seen_tokens = flops = 0
-    last_time, metrics = time.perf_counter(), {}
+    last_time = time.perf_counter()
     for step in range(start_step, tcfg["steps"]):
         for micro in range(tcfg["grad_accum"]):
             batch = collate(sample_indices(step, micro, rank, tcfg, world, n_examples, seed))
@@ -273,6 +349,7 @@ def train(
             tracker.log_metrics({"validation_loss": metrics["validation_loss"]}, step=done)
         stopping = stop.agreed()
         if stopping or done % tcfg["checkpoint_every"] == 0 or done == tcfg["steps"]:
+            metrics["train_loss"] = loss.item()
             save(done)
         if stopping:
             received = f"{stop.signal} received" if stop.signal else "another rank was signalled"
@@ -280,7 +357,7 @@ def train(
         if done % tcfg["eval_every"] == 0 or done % tcfg["checkpoint_every"] == 0:
             last_time = time.perf_counter()  # throughput counts training steps, not evaluation or checkpoints
 
-    metrics.update(train_loss=loss.item(), steps=tcfg["steps"])
+    metrics["steps"] = tcfg["steps"]
     if tcfg["zero_stage"] == 3:  # parameters are sharded: rebuild the full weights from the last checkpoint
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
