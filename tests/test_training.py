@@ -214,6 +214,23 @@ def test_a_corrupt_only_checkpoint_stops_with_its_path(prepared, tmp_path, corru
     assert f"Delete {checkpoints} to train this stage from scratch." in run.stderr
 
 
+def test_a_job_killed_during_its_first_save_starts_again(prepared, tmp_path):
+    """An incomplete checkpoint and no complete one: nothing was lost, so the stage trains from the start."""
+    root, base = prepared
+    stage = plan(root / "results", base)["pretrain"]
+    if not Path(stage.dir).exists():
+        run_stage(stage)
+    reference = weights(stage)
+    checkpoints = Path(shutil.copytree(checkpoint_dir(stage), tmp_path / "checkpoints"))
+    (checkpoints / "step6" / train_loop.COMPLETE).unlink()  # killed before every rank had written its files
+    stage.config["run"]["checkpoint_dir"] = str(checkpoints)
+    shutil.rmtree(stage.dir)
+
+    run = run_stage(stage)
+    assert "no complete checkpoint: training from the start" in run.stderr and "resumed from" not in run.stderr
+    assert all(torch.equal(reference[k], v) for k, v in weights(stage).items())
+
+
 def validation_loss(model, stage) -> float:
     """The loss of `model` on the first validation blocks of the stage's tokenizer."""
     tokens = np.load(f"{stage.config['inputs']['tokenizer']}/tokens/validation.npy")

@@ -205,10 +205,13 @@ def mark_complete(directory: Path) -> None:
     partial.replace(directory / COMPLETE)  # atomic: a half-written record never marks a checkpoint complete
 
 
+INCOMPLETE = f"incomplete (no {COMPLETE}: the job stopped while saving it)"
+
+
 def checkpoint_problem(directory: Path) -> str | None:
     """Why the checkpoint in `directory` cannot be resumed from; None when it is complete and unchanged."""
     if not (directory / COMPLETE).exists():
-        return f"incomplete (no {COMPLETE}: the job stopped while saving it)"
+        return INCOMPLETE
     for name, size in json.loads((directory / COMPLETE).read_text()).items():
         path = directory / name
         if not path.is_file():
@@ -219,7 +222,7 @@ def checkpoint_problem(directory: Path) -> str | None:
 
 
 def resumable_checkpoint(checkpoint_dir: Path, report: bool) -> str | None:
-    """The tag of the newest complete checkpoint; None when there is no checkpoint at all.
+    """The tag of the newest complete checkpoint; None when there is none and no corrupt one either.
 
     Every rank decides alike from the shared filesystem; `report` prints why newer ones are skipped.
     """
@@ -234,15 +237,17 @@ def resumable_checkpoint(checkpoint_dir: Path, report: bool) -> str | None:
         problems.append(f"{directory} is {problem}")
         if report:
             print(f"skipping checkpoint {problems[-1]}", file=sys.stderr)
-    if checkpoints:
+    if any(checkpoint_problem(directory) != INCOMPLETE for directory in checkpoints):
         raise SystemExit(
             f"no checkpoint in {checkpoint_dir} can be resumed from: {'; '.join(problems)}. "
             f"Delete {checkpoint_dir} to train this stage from scratch."
         )
+    if checkpoints and report:  # killed during its first save: nothing was complete, so nothing is lost
+        print("no complete checkpoint: training from the start", file=sys.stderr)
     return None
 
 
-def remove_checkpoints_except(checkpoint_dir: Path, tag: str) -> None:
+def remove_checkpoints_except(checkpoint_dir: Path, tag: str | None) -> None:
     for old in checkpoint_dir.glob("step*"):
         if old.name != tag:
             shutil.rmtree(old, ignore_errors=True)
@@ -285,10 +290,10 @@ def train(
     # then reports the train and validation loss of the run that trained the model, the same as the first time.
     start_step, metrics = 0, {}
     tag = resumable_checkpoint(checkpoint_dir, report=rank == 0)
+    torch.distributed.barrier()  # every rank has chosen before rank 0 removes the newer, broken checkpoints
+    if rank == 0:  # their steps are trained again; keeping them would mix old files into new checkpoints
+        remove_checkpoints_except(checkpoint_dir, tag)
     if tag is not None:
-        torch.distributed.barrier()  # every rank has chosen before rank 0 removes the newer, broken checkpoints
-        if rank == 0:  # their steps are trained again; keeping them would mix old files into new checkpoints
-            remove_checkpoints_except(checkpoint_dir, tag)
         try:
             _, client = engine.load_checkpoint(str(checkpoint_dir), tag=tag)
         except Exception as error:  # the sizes match, the contents do not load
