@@ -79,7 +79,9 @@ def compute_table(manifests: dict) -> str:
     for name in ("pretrain", "finetune"):
         manifest = manifests[name]
         processes = plan.Stage(name, manifest["key"], manifest["config"]).processes
-        metrics, seconds = manifest["metrics"], manifest["duration_s"]
+        metrics, seconds = manifest["metrics"], manifest["duration_s"]  # every attempt's time (lmforge.stage)
+        attempts = len(manifest.get("attempts", ()))  # manifests written before attempts were recorded have none
+        wall_time = f"{seconds:.0f} s" + (f", {attempts} attempts" if attempts > 1 else "")
         flops = (
             f"{6 * metrics['non_embedding_parameters'] * metrics['train_tokens_seen']:.2e} FLOPs "
             f"(6 × {metrics['non_embedding_parameters']:,} parameters × {metrics['train_tokens_seen']:,} tokens)"
@@ -87,7 +89,7 @@ def compute_table(manifests: dict) -> str:
             else "not estimated"
         )
         lines.append(
-            f"| {name} | {manifest['environment'].get('device', 'not recorded')} | {processes} | {seconds:.0f} s "
+            f"| {name} | {manifest['environment'].get('device', 'not recorded')} | {processes} | {wall_time} "
             f"| {seconds * processes / 3600:.3f} | {flops} |"
         )
     return "\n".join(lines)
@@ -199,9 +201,9 @@ print(tokenizer.decode(model.generate(prompt, max_new_tokens=8)[0]))
 ## Compute
 {compute_table(manifests)}
 
-Wall time is the whole stage's (loading, training, validation, checkpoints, export); device-hours are
-processes × wall time. Energy was not measured: the device-hours times the devices' power draw give an
-estimate.
+Wall time is the whole stage's (loading, training, validation, checkpoints, export), summed over its jobs
+when it was interrupted and resumed; device-hours are processes × wall time. Energy was not measured: the
+device-hours times the devices' power draw give an estimate.
 
 ## Limitations
 {limitations}

@@ -20,6 +20,11 @@ parent is skipped; a child copied from an older record of the stage (rerun under
 the same key), or whose copy died halfway, is replaced. A SQLite store is written under a file lock, so concurrent
 merges (Snakemake runs local jobs in parallel) take turns; keep it on a local
 disk. An http(s) URI sends the runs to an MLflow server.
+
+Nothing here is the only copy: the records stay in the stage directories, and
+the history file (OUT.json, written whole or not at all) is derived from them
+and the store. A damaged SQLite store stops the merge with the file's name;
+moved away, `snakemake --forcerun history` merges every record again.
 """
 
 from __future__ import annotations
@@ -28,13 +33,14 @@ import argparse
 import contextlib
 import fcntl
 import json
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
 import yaml
 
-from lmforge import plan, tracking
+from lmforge import plan, stage, tracking
 
 RUN_KEY_TAG = "lmforge.run_key"  # the configuration's key (its card stage's key), on the parent and its children
 CONFIGURATION_ROLE = {"lmforge.role": "configuration"}
@@ -65,12 +71,15 @@ def configuration_stages(last_dir: Path) -> dict[str, Path]:
 
 
 def read_record(stage_dir: Path) -> dict:
-    """A stage's run record with its metric points (lmforge.tracking writes them)."""
+    """A stage's run record with its metric points (lmforge.tracking writes them), one per metric and step.
+
+    A training resumed from its checkpoint logs again the steps that the killed attempt logged after that
+    checkpoint; the last attempt's point is kept, as it belongs to the run that produced the stage's output.
+    """
     directory = stage_dir / tracking.RECORD_DIR
     record = json.loads((directory / "run.json").read_text())
-    metrics_file = directory / "metrics.jsonl"
-    lines = metrics_file.read_text().splitlines() if metrics_file.exists() else []
-    record["metrics"] = [json.loads(line) for line in lines]
+    points = {(point["key"], point["step"]): point for point in tracking.read_points(directory)}
+    record["metrics"] = list(points.values())
     return record
 
 
@@ -93,6 +102,32 @@ def store_lock(uri: str):
     with open(lock, "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         yield
+
+
+class StoreError(RuntimeError):
+    """The central store cannot be merged into."""
+
+
+def check_store(uri: str) -> None:
+    """A SQLite store must be a new file or a sound database: MLflow's errors on a damaged one do not say which file
+    or what to do about it."""
+    if not uri.startswith("sqlite:///"):
+        return
+    path = Path(uri.removeprefix("sqlite:///").split("?")[0])
+    if not path.exists():
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            problems = [row[0] for row in db.execute("PRAGMA quick_check")]
+    except sqlite3.DatabaseError as error:
+        problems = [str(error)]
+    if problems != ["ok"]:
+        raise StoreError(
+            f"the MLflow store {path} is damaged ({'; '.join(problems[:3])}). Move it away (mv {path} {path}.damaged)"
+            " and rerun `snakemake --forcerun history` with the same configuration (for each sweep that was merged"
+            " into it): the run records live in the stage directories (<stage dir>/tracking/), so merging them again"
+            " rebuilds the store's runs."
+        )
 
 
 def experiment_id(client, run_cfg: dict) -> str:
@@ -180,6 +215,7 @@ def merge(stages: dict[str, Path], run_cfg: dict) -> dict:
     uri = tracking.tracking_uri(run_cfg)
     records = {name: read_record(Path(directory)) for name, directory in stages.items()}
     with store_lock(uri):
+        check_store(uri)
         client = MlflowClient(tracking_uri=uri)
         experiment = experiment_id(client, run_cfg)
         parent_id = parent_run_id(client, experiment, run_cfg)
@@ -239,10 +275,13 @@ def main() -> None:
     if args.command == "wandb-sync":
         wandb_sync(stages)
         return
-    merged = merge(stages, yaml.safe_load(args.card_config.read_text())["run"])
+    try:
+        merged = merge(stages, yaml.safe_load(args.card_config.read_text())["run"])
+    except StoreError as error:
+        sys.exit(f"error: {error}")
     print(f"{len(merged['runs'])} stage runs under {merged['parent_run_id']} in {merged['experiment']}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(merged, indent=2) + "\n")
+    stage.write_json(args.out, merged)
 
 
 if __name__ == "__main__":

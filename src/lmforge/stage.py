@@ -4,13 +4,15 @@ A stage reads its resolved config (written by the Snakefile when it plans the
 DAG), reads the directories named in `config["inputs"]`, and writes its outputs
 into a temporary sibling of OUT_DIR that is renamed into place only when the
 stage succeeded, together with the config snapshot, a manifest (config,
-input hashes, code version, environment, metrics) and the stage's run record
-(lmforge.tracking), which the local rule `history` copies into MLflow.
+input hashes, code version, environment, metrics, every attempt's job and
+time) and the stage's run record (lmforge.tracking), which the local rule
+`history` copies into MLflow. An attempt after one that died (cancelled,
+preempted, out of memory) starts from an empty sibling but for the run
+record, which it continues.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import importlib.metadata
 import json
@@ -21,7 +23,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -108,11 +109,25 @@ def seed_everything(seed: int) -> None:
 
 
 def write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    """Whole or not at all: a writer killed halfway leaves the previous file, or none."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    partial.replace(path)
 
 
 def is_rank_zero() -> bool:
     return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0
+
+
+def empty_except(directory: Path, kept: str) -> None:
+    """Delete everything in `directory` but its entry named `kept`."""
+    for path in directory.iterdir():
+        if path.name == kept:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 def run(main: Callable[[dict, Path, object], dict]) -> None:
@@ -130,14 +145,13 @@ def run(main: Callable[[dict, Path, object], dict]) -> None:
     if "seed" in cfg:
         seed_everything(cfg["seed"])
     rank_zero = is_rank_zero()
-    if rank_zero:
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
-    started = time.time()
     with tracking.stage_run(cfg, work, enabled=rank_zero) as tracker:
+        if rank_zero:  # what a dead attempt wrote, but its run record, which this attempt continues
+            empty_except(work, tracking.RECORD_DIR)
         metrics = main(cfg, work, tracker)
         if not rank_zero:
             return
+        attempts = tracker.attempts_until_now()
         manifest = {
             "stage": cfg["stage"],
             "key": cfg["key"],
@@ -147,8 +161,9 @@ def run(main: Callable[[dict, Path, object], dict]) -> None:
             "environment": environment(),
             "seed": cfg.get("seed"),
             "metrics": metrics,
-            "started": dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat(),
-            "duration_s": round(time.time() - started, 3),
+            "started": attempts[0]["started"],
+            "duration_s": round(sum(attempt["duration_s"] for attempt in attempts), 3),  # every job's time counts
+            "attempts": attempts,  # a job that was cancelled, preempted or failed, and the one that finished
             "tracking_run_id": tracker.run_id,  # tag lmforge.source_run_id of its MLflow runs
         }
         (work / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))

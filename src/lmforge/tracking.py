@@ -15,17 +15,27 @@ A fresh MLflow SQLite store per stage was the other candidate; creating one
 runs MLflow's schema migrations (about 5 s of CPU each), for every stage of
 every configuration. Plain files cost nothing and are readable while the
 stage runs: `tail -f results/pretrain/<key>.partial/tracking/metrics.jsonl`.
+
+A stage's job may die and be run again (`scancel`, preemption, walltime, out of
+memory): the record in `.partial` survives, and the next attempt continues it
+with the same run id, appending its points and its own entry to the record's
+`attempts`. A resumed training re-logs the steps after its checkpoint, so one
+step may have points from two attempts; lmforge.history keeps the last one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import os
+import shutil
 import socket
 import time
 import uuid
 from pathlib import Path
+
+from lmforge import stage
 
 RECORD_DIR = "tracking"  # inside each stage directory: run.json and metrics.jsonl
 
@@ -55,17 +65,35 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def iso(seconds: float) -> str:
+    return dt.datetime.fromtimestamp(seconds, dt.timezone.utc).isoformat()
+
+
+def closed(attempt: dict, end: float, status: str, error: str | None) -> dict:
+    """An attempt's entry ended at `end` (seconds since the epoch)."""
+    started = dt.datetime.fromisoformat(attempt["started"]).timestamp()
+    return {**attempt, "ended": iso(end), "duration_s": round(end - started, 3), "status": status, "error": error}
+
+
+def read_points(directory: Path) -> list[dict]:
+    """The metric points of a record, in the order they were logged."""
+    metrics_file = directory / "metrics.jsonl"
+    return [json.loads(line) for line in metrics_file.read_text().splitlines()] if metrics_file.exists() else []
+
+
 class Tracker:
     """What a stage logs through: step metrics appended to metrics.jsonl, artifacts named by path.
 
     Without a directory (ranks other than 0) it logs nothing.
     """
 
-    def __init__(self, directory: Path | None = None, stage_dir: Path | None = None, wandb_run=None):
-        self.run_id = uuid.uuid4().hex if directory is not None else None
-        self.directory, self.stage_dir, self.wandb_run = directory, stage_dir, wandb_run
+    def __init__(
+        self, directory: Path | None = None, stage_dir: Path | None = None, run_id: str | None = None, logged=()
+    ):
+        self.run_id, self.directory, self.stage_dir, self.wandb_run = run_id, directory, stage_dir, None
         self.artifacts: list[str] = []  # relative to the stage directory, which is renamed when it succeeds
-        self.logged: set[str] = set()  # metric names logged so far
+        self.logged: set[str] = set(logged)  # metric names logged so far
+        self.attempts: list[dict] = []  # every attempt of this run, the current one last
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         if self.directory is None or not metrics:
@@ -86,6 +114,31 @@ class Tracker:
             return
         self.artifacts += [str(Path(path).relative_to(self.stage_dir)) for path in paths]
 
+    def attempts_until_now(self) -> list[dict]:
+        """Every attempt, the current one as if it finished now: what the stage's manifest records."""
+        *earlier, current = self.attempts
+        return [*earlier, closed(current, time.time(), "FINISHED", None)]
+
+
+def continued_record(stage_dir: Path) -> dict | None:
+    """The record an earlier attempt left unfinished in `stage_dir`, ready to continue; None (and no record
+    left) when there is none to continue."""
+    directory = stage_dir / RECORD_DIR
+    path = directory / "run.json"
+    record = json.loads(path.read_text()) if path.exists() else None
+    # A finished run is complete: the stage runs anew. So does a record from before records had attempts.
+    if record is None or record["status"] == "FINISHED" or "attempts" not in record:
+        shutil.rmtree(directory, ignore_errors=True)
+        return None
+    last = record["attempts"][-1]
+    if last["status"] == "RUNNING":  # killed before it could record its end: it ran at least until its last write
+        last_write = max(file.stat().st_mtime for file in stage_dir.rglob("*") if file.is_file())
+        record["attempts"][-1] = closed(last, last_write, "KILLED", "the job died without recording its exit")
+    metrics_file = directory / "metrics.jsonl"
+    if metrics_file.exists():  # a killed writer may have left half a line: append after the last whole one
+        os.truncate(metrics_file, metrics_file.read_bytes().rfind(b"\n") + 1)
+    return record
+
 
 def upstream_tags(cfg: dict) -> dict:
     """Lineage: the key of every stage this one read (tokenizer, data, ...), filterable in the MLflow UI."""
@@ -94,19 +147,33 @@ def upstream_tags(cfg: dict) -> dict:
 
 @contextlib.contextmanager
 def stage_run(cfg: dict, stage_dir: Path, enabled: bool = True):
-    """Record one stage's run in `stage_dir/tracking/`; params are the stage's flattened config."""
+    """Record one attempt of a stage in `stage_dir/tracking/`; params are the stage's flattened config.
+
+    It continues the record of an earlier attempt that did not finish (see the module's docstring).
+    """
     if not enabled:
         yield Tracker()
         return
     run_cfg = cfg["run"]
-    directory = Path(stage_dir) / RECORD_DIR
+    stage_dir = Path(stage_dir)
+    earlier = continued_record(stage_dir)
+    directory = stage_dir / RECORD_DIR
     directory.mkdir(parents=True, exist_ok=True)
-    tracker = Tracker(directory, Path(stage_dir))
+    # The summary a stage logs (step 0) when it finishes is not a curve: a finishing attempt logs its own.
+    curves = {point["key"] for point in read_points(directory) if point["step"]}
+    tracker = Tracker(directory, stage_dir, earlier["run_id"] if earlier else uuid.uuid4().hex, logged=curves)
+    attempt = {
+        "started": iso(time.time()),
+        "host": socket.gethostname(),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "status": "RUNNING",
+    }
+    tracker.attempts = [*(earlier["attempts"] if earlier else []), attempt]
     params = flatten({k: v for k, v in cfg.items() if k not in ("run", "stage", "key", "inputs")})
     record = {
         "run_id": tracker.run_id,
         "name": cfg["stage"],
-        "start_time": now_ms(),
+        "start_time": earlier["start_time"] if earlier else now_ms(),
         "params": {k: str(v) for k, v in params.items()},
         "tags": {
             "lmforge.stage": cfg["stage"],
@@ -116,7 +183,10 @@ def stage_run(cfg: dict, stage_dir: Path, enabled: bool = True):
             "lmforge.slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
             **upstream_tags(cfg),
         },
+        "status": "RUNNING",
+        "attempts": tracker.attempts,
     }
+    stage.write_json(directory / "run.json", record)  # now: the run id survives an attempt that gets killed
     if run_cfg.get("wandb"):
         import wandb
 
@@ -129,13 +199,17 @@ def stage_run(cfg: dict, stage_dir: Path, enabled: bool = True):
             config=params,
             dir=str(directory),
         )
-    status = "FAILED"
+    status, error = "FAILED", None
     try:
         yield tracker
         status = "FINISHED"
+    except BaseException as exc:  # SystemExit too: a training stopped by a signal says so
+        error = f"{type(exc).__name__}: {exc}"
+        raise
     finally:
-        # Written last: a record without run.json is incomplete (its stage directory is never renamed into place).
-        record.update(status=status, end_time=now_ms(), artifacts=tracker.artifacts)
-        (directory / "run.json").write_text(json.dumps(record, indent=2) + "\n")
+        end = time.time()
+        tracker.attempts[-1] = closed(attempt, end, status, error)
+        record.update(status=status, end_time=int(end * 1000), artifacts=tracker.artifacts, attempts=tracker.attempts)
+        stage.write_json(directory / "run.json", record)
         if tracker.wandb_run is not None:
             tracker.wandb_run.finish(exit_code=0 if status == "FINISHED" else 1)
