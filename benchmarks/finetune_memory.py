@@ -34,6 +34,7 @@ times do not (0.188 and 0.269 s/step then).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import tempfile
@@ -60,7 +61,7 @@ class Recorder:
 
 
 def random_weights_model(preset: str, directory: Path) -> str:
-    model_cfg = OmegaConf.to_container(config.load([f"model={preset}"]).model)
+    model_cfg = OmegaConf.to_object(config.load([f"model={preset}"]).model)
     model = pretrain.build_model(model_cfg, 32000, dict(bos_token_id=1, eos_token_id=2, pad_token_id=0))
     model.save_pretrained(directory)
     return str(directory)
@@ -86,9 +87,10 @@ def main() -> None:
             *(f"finetune.train.{o}" for o in args.overrides),
         ]
     )
-    ft_cfg = OmegaConf.to_container(cfg.finetune)
-    tcfg = ft_cfg["train"]
-    tcfg.update(steps=args.steps, warmup_steps=5, eval_every=args.steps, checkpoint_every=args.steps, eval_batches=1)
+    ft_cfg = OmegaConf.to_object(cfg.finetune)
+    tcfg = dataclasses.replace(
+        ft_cfg.train, steps=args.steps, warmup_steps=5, eval_every=args.steps, checkpoint_every=args.steps, eval_batches=1
+    )
     stage.seed_everything(cfg.seed)
     with tempfile.TemporaryDirectory() as scratch:
         base = args.base or random_weights_model(args.shape, Path(scratch) / "base")
@@ -109,7 +111,7 @@ def main() -> None:
             model,
             batch,
             len(examples),
-            [batch(list(range(tcfg["micro_batch_size"])))],
+            [batch(list(range(tcfg.micro_batch_size)))],
             tcfg,
             cfg.seed,
             Path(scratch) / "checkpoints",
@@ -117,11 +119,11 @@ def main() -> None:
         )
     intervals = [m for m in recorder.logged if "tokens_per_second_per_device" in m][1:]
     tokens_per_s = statistics.median(m["tokens_per_second_per_device"] for m in intervals)
-    step_s = tcfg["micro_batch_size"] * tcfg["grad_accum"] * args.seq / tokens_per_s
+    step_s = tcfg.micro_batch_size * tcfg.grad_accum * args.seq / tokens_per_s
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(
         f"RESULT device={torch.cuda.get_device_name()} base={args.base or args.shape + ' (random weights)'} "
-        f"method={args.method} seq={args.seq} micro_batch={tcfg['micro_batch_size']} precision={tcfg['precision']} "
+        f"method={args.method} seq={args.seq} micro_batch={tcfg.micro_batch_size} precision={tcfg.precision} "
         f"trainable={trainable / 1e6:.1f}M peak_mem_gib={torch.cuda.max_memory_allocated() / 2**30:.2f} "
         f"step_s={step_s:.3f} tokens/s={tokens_per_s:,.0f}",
         file=sys.stderr,

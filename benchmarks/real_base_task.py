@@ -38,14 +38,8 @@ import pyarrow.parquet as pq
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-from lmforge import finetune
+from lmforge import chat, finetune, schema
 
-LORA = {
-    "r": 16,
-    "alpha": 32,
-    "dropout": 0.0,
-    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-}
 LEARNING_RATE = {"lora": 1e-3, "qlora": 1e-3, "full": 5e-5}  # QLoRA: LoRA's adapters and rate, on an NF4 base
 
 
@@ -91,10 +85,10 @@ def main() -> None:
     task = {
         split: pq.read_table(args.task / f"{split}.parquet").to_pylist() for split in ("train", "validation", "test")
     }
-    stop = finetune.end_of_turn_ids(tokenizer)
+    stop = chat.end_of_turn_ids(tokenizer)
 
-    def chat(pairs):
-        return [finetune.chat_prompt(tokenizer, p["docstring"]) for p in pairs]
+    def chat_prompts(pairs):
+        return [chat.chat_prompt(tokenizer, p["docstring"]) for p in pairs]
 
     def code(pairs, shots):
         prefix = "".join(f"# {s['docstring']}\ndef {s['name']}(...):\n    ...\n\n" for s in shots)
@@ -107,7 +101,7 @@ def main() -> None:
         scores = {
             "zero-shot code": exact_match(model, tokenizer, code(pairs, []), pairs, [tokenizer.eos_token_id]),
             "3-shot code": exact_match(model, tokenizer, code(pairs, shots), pairs, [tokenizer.eos_token_id]),
-            "chat": exact_match(model, tokenizer, chat(pairs), pairs, stop),
+            "chat": exact_match(model, tokenizer, chat_prompts(pairs), pairs, stop),
         }
         print(f"base {split}", "  ".join(f"{k} {v:.4f}" for k, v in scores.items()), flush=True)
     del model
@@ -115,7 +109,7 @@ def main() -> None:
     examples = [finetune.sft_example(tokenizer, p, 256) for p in task["train"]]
     for method in args.methods:
         lr = LEARNING_RATE[method]
-        model = finetune.load_trainable(base, {"method": method, "lora": LORA}).cuda().train()
+        model = finetune.load_trainable(base, schema.FinetuneConfig(method=method))  # the default LoRA: r 16 on every linear.cuda().train()
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
         order, started = torch.Generator().manual_seed(0), time.time()
         for step in range(args.steps):
@@ -131,7 +125,7 @@ def main() -> None:
             optimizer.zero_grad()
         model.eval()
         scores = {
-            split: exact_match(model, tokenizer, chat(task[split]), task[split], stop)
+            split: exact_match(model, tokenizer, chat_prompts(task[split]), task[split], stop)
             for split in ("validation", "test")
         }
         print(

@@ -33,6 +33,7 @@ Measured (every command and its output verbatim: benchmarks/results/gpu-h200.txt
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -66,15 +67,21 @@ def main() -> None:
     chosen = {override.split("=")[0] for override in args.overrides}
     presets = [preset for preset in ("model=llama_125m", "train=gpu") if preset.split("=")[0] not in chosen]
     cfg = config.load([*presets, *args.overrides])
-    model_cfg = OmegaConf.to_container(cfg.model)
-    tcfg = OmegaConf.to_container(cfg.train)
-    tcfg.update(steps=args.steps, warmup_steps=5, eval_every=args.steps, checkpoint_every=args.steps, eval_batches=1)
+    model_cfg = OmegaConf.to_object(cfg.model)
+    tcfg = dataclasses.replace(
+        OmegaConf.to_object(cfg.train),
+        steps=args.steps,
+        warmup_steps=5,
+        eval_every=args.steps,
+        checkpoint_every=args.steps,
+        eval_batches=1,
+    )
     stage.seed_everything(cfg.seed)
     model = pretrain.build_model(model_cfg, args.vocab, dict(bos_token_id=1, eos_token_id=2, pad_token_id=0))
-    seq = model_cfg["max_seq_len"]
+    seq = model_cfg.max_seq_len
     tokens = np.random.default_rng(0).integers(0, args.vocab, size=4096 * seq, dtype=np.int32)
     blocks = pretrain.blocks(tokens, seq)
-    validation = [pretrain.block_batch(blocks, list(range(tcfg["micro_batch_size"])))]
+    validation = [pretrain.block_batch(blocks, list(range(tcfg.micro_batch_size)))]
 
     recorder = Recorder()
     with tempfile.TemporaryDirectory() as checkpoints:
@@ -97,9 +104,9 @@ def main() -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     overrides = " ".join(args.overrides) or "-"
     print(
-        f"RESULT device={device} gpus={world} model={model_cfg['name']} seq={seq} "
-        f"micro_batch={tcfg['micro_batch_size']} precision={tcfg['precision']} zero={tcfg['zero_stage']} "
-        f"compile={tcfg['compile']} overrides={overrides} tokens/s={tokens_per_s:,.0f} "
+        f"RESULT device={device} gpus={world} model={model_cfg.name} seq={seq} "
+        f"micro_batch={tcfg.micro_batch_size} precision={tcfg.precision} zero={tcfg.zero_stage} "
+        f"compile={tcfg.compile} overrides={overrides} tokens/s={tokens_per_s:,.0f} "
         f"tokens/s/gpu={tokens_per_s / world:,.0f} mfu={mfu:.3f} "
         f"peak_mem_gib={torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0:.1f}",
         file=sys.stderr,

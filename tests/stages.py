@@ -70,6 +70,15 @@ def small_corpus(directory: Path) -> Path:
     return directory
 
 
+def curated_and_tokenized(root: Path) -> list[str]:
+    """Run curate and tokenizer on the small corpus under `root`; the overrides that plan on top of them."""
+    base = [f"data.source={small_corpus(root / 'corpus')}", *TINY]
+    stages = plan(root / "results", base)
+    run_stage(stages["curate"])
+    run_stage(stages["tokenizer"])
+    return base
+
+
 def plan(results: Path, overrides: list[str]) -> dict[str, planning.Stage]:
     return planning.stages(config.load([f"run.results_dir={results}", *overrides]))
 

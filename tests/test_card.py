@@ -3,8 +3,9 @@
 from huggingface_hub import constants
 
 from lmforge.card import base_model_license, licences
+from lmforge.schema import DataConfig, FinetuneConfig
 
-DATA = {"name": "python-stdlib", "license": "PSF-2.0"}
+DATA = DataConfig(name="python-stdlib", license="PSF-2.0")
 
 
 def test_a_local_base_models_licence_is_read_from_its_card(tmp_path):
@@ -12,9 +13,9 @@ def test_a_local_base_models_licence_is_read_from_its_card(tmp_path):
     base.mkdir()
     (base / "README.md").write_text("---\nlicense: mit\n---\n# A base model\n")
     assert base_model_license(str(base)) == "mit"
-    text = licences(DATA, {"base": str(base)}, "apache-2.0")
+    text = licences(DATA, FinetuneConfig(base=str(base)), "apache-2.0")
     assert f"Base model `{base}`: mit." in text and "not the base model's licence" in text
-    assert "not the base" not in licences(DATA, {"base": str(base)}, "mit")
+    assert "not the base" not in licences(DATA, FinetuneConfig(base=str(base)), "mit")
 
 
 def test_a_hub_base_models_licence_comes_from_the_local_cache(tmp_path, monkeypatch):
@@ -29,6 +30,6 @@ def test_a_hub_base_models_licence_comes_from_the_local_cache(tmp_path, monkeypa
 
 
 def test_a_base_without_a_card_is_said_to_have_no_licence_found(tmp_path):
-    text = licences(DATA, {"base": str(tmp_path)}, "apache-2.0")
+    text = licences(DATA, FinetuneConfig(base=str(tmp_path)), "apache-2.0")
     assert "no licence found in its card" in text and "- Training data: python-stdlib, PSF-2.0." in text
-    assert licences(DATA, {"base": "pretrain"}, "apache-2.0").count("\n") == 1  # data and this model only
+    assert licences(DATA, FinetuneConfig(base="pretrain"), "apache-2.0").count("\n") == 1  # data and this model only

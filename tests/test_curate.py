@@ -5,14 +5,14 @@ from collections import Counter
 import datasets
 import pytest
 
-from lmforge import curate
+from lmforge import curate, schema, stage
 
-TASK = {"min_docstring_words": 5, "max_docstring_chars": 400}
+TASK = schema.TaskConfig(min_docstring_words=5, max_docstring_chars=400)
 
 
 def read(source, text_field="text"):
     stats = Counter()
-    docs = list(curate.read_source({"source": str(source), "text_field": text_field}, stats))
+    docs = list(curate.read_source(schema.DataConfig(source=str(source), text_field=text_field), stats))
     return docs, stats
 
 
@@ -58,14 +58,14 @@ def test_files_without_a_reader_are_counted_and_named_hidden_ones_only_counted(t
     assert stats["skipped_files"] == 1 and stats["skipped_hidden_files"] == 2
     err = capsys.readouterr().err
     assert "table.csv" in err and ".DS_Store" not in err
-    with pytest.raises(SystemExit, match="data.source"):
+    with pytest.raises(stage.StageError, match="data.source"):
         read(tmp_path / "table.csv")
 
 
 def test_parquet_without_the_text_column_stops_naming_file_and_config_key(tmp_path):
     path = tmp_path / "corpus.parquet"
     datasets.Dataset.from_list([{"content": "row one"}]).to_parquet(path)
-    with pytest.raises(SystemExit) as stop:
+    with pytest.raises(stage.StageError) as stop:
         read(path)
     message = str(stop.value)
     assert str(path) in message and "'text'" in message and "data.text_field" in message and "content" in message

@@ -17,7 +17,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from lmforge import history, stage, tracking
-from tests.stages import TINY, plan, run_stage, small_corpus, stage_command
+from tests.stages import curated_and_tokenized, plan, run_stage, stage_command
 from tests.tracked_stage import record_stage, run_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,12 +80,7 @@ def test_a_damaged_store_stops_the_merge_naming_the_file_and_the_records_rebuild
 def prepared(tmp_path_factory):
     """Curated data and a tokenizer for a tiny pretraining, made by the real stages."""
     root = tmp_path_factory.mktemp("resumed")
-    corpus = small_corpus(root / "corpus")
-    base = [f"data.source={corpus}", *TINY]
-    stages = plan(root / "results", base)
-    run_stage(stages["curate"])
-    run_stage(stages["tokenizer"])
-    return root, base
+    return root, curated_and_tokenized(root)
 
 
 def step_points(metrics_file: Path, key: str) -> list[dict]:

@@ -3,9 +3,9 @@
 import pytest
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lmforge import train_loop
+from lmforge import schema, train_loop
 
-TRAIN = {"steps": 100, "warmup_steps": 10, "min_lr_ratio": 0.1, "micro_batch_size": 4, "grad_accum": 2}
+TRAIN = schema.TrainConfig(steps=100, warmup_steps=10, min_lr_ratio=0.1, micro_batch_size=4, grad_accum=2)
 
 
 def test_lr_warms_up_linearly_then_follows_a_cosine_down_to_its_floor():
@@ -36,13 +36,13 @@ def test_flops_per_token_count_six_per_trained_weight_four_per_frozen_and_attent
 @pytest.mark.parametrize("world", [1, 2])
 def test_each_epoch_reads_every_example_once_across_ranks_and_micro_batches(world):
     n_examples, seed = 48, 7
-    per_step = TRAIN["micro_batch_size"] * TRAIN["grad_accum"] * world
+    per_step = TRAIN.micro_batch_size * TRAIN.grad_accum * world
     steps_per_epoch = n_examples // per_step
 
     def read(step):
         return [
             i
-            for micro in range(TRAIN["grad_accum"])
+            for micro in range(TRAIN.grad_accum)
             for rank in range(world)
             for i in train_loop.sample_indices(step, micro, rank, TRAIN, world, n_examples, seed)
         ]

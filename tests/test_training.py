@@ -12,24 +12,20 @@ import numpy as np
 import psutil
 import pytest
 import torch
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lmforge import config, finetune, pretrain, train_loop, workflow
+from lmforge import chat, config, pretrain, train_loop, workflow
 from lmforge import plan as planning
-from tests.stages import TINY, plan, run_stage, small_corpus, stage_command
+from tests.stages import TINY, curated_and_tokenized, plan, run_stage, stage_command
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     """Curated data and a tokenizer for the tiny runs, made by the real stages."""
     root = tmp_path_factory.mktemp("training")
-    corpus = small_corpus(root / "corpus")
-    base = [f"data.source={corpus}", *TINY]
-    stages = plan(root / "results", base)
-    run_stage(stages["curate"])
-    run_stage(stages["tokenizer"])
-    return root, base
+    return root, curated_and_tokenized(root)
 
 
 def weights(stage) -> dict:
@@ -94,9 +90,9 @@ def test_finetuning_any_local_hugging_face_model(prepared, tmp_path):
     run_stage(stages["finetune"])
     tuned = AutoTokenizer.from_pretrained(f"{stages['finetune'].dir}/model")
     assert tuned.chat_template == ZEPHYR_TEMPLATE
-    prompt, answer = finetune.chat_texts(tuned, {"docstring": "Add two numbers.", "name": "add"})
+    prompt, answer = chat.chat_texts(tuned, {"docstring": "Add two numbers.", "name": "add"})
     assert prompt.endswith("<|assistant|>\n") and answer == "add<|endoftext|>\n"
-    assert finetune.end_of_turn_ids(tuned) == [tuned.eos_token_id]
+    assert chat.end_of_turn_ids(tuned) == [tuned.eos_token_id]
 
 
 LONG_RUN = ["train.steps=60", "train.checkpoint_every=5", "train.eval_every=30"]  # long enough to stop mid-run
@@ -281,9 +277,9 @@ def test_compiling_keeps_the_plain_model_state_dict():
     Running a compiled model takes minutes on 2 CPU cores: the GPU benchmark runs it (train=gpu has compile=true).
     """
     cfg = config.load([*TINY, "train.compile=true"])
-    model = pretrain.build_model(dict(cfg.model), 64, {})
+    model = pretrain.build_model(OmegaConf.to_object(cfg.model), 64, {})
     keys = set(model.state_dict())
-    compiled = train_loop.prepare_model(model, dict(cfg.train))
+    compiled = train_loop.prepare_model(model, OmegaConf.to_object(cfg.train))
     assert compiled is model and set(compiled.state_dict()) == keys
     assert model._compiled_call_impl is not None
 

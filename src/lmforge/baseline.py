@@ -4,18 +4,17 @@
   add-one unigram), scored in bits per byte on the test documents.
 - For the task, a heuristic: the function name is the docstring's first word, lowercased.
 
-Outputs: ngram.npz (the counts), metrics.json.
+Outputs: ngram.npz (the counts); the metrics are in the manifest.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
-from transformers import AutoTokenizer
 
-from lmforge import heldout, stage
+from lmforge import heldout, stage, tokenizer
+from lmforge.schema import StageConfig
 
 
 def ngram_keys(tokens: np.ndarray, order: int, bits: int) -> np.ndarray:
@@ -31,7 +30,7 @@ class NGramModel:
         self.order, self.discount, self.vocab_size = order, discount, vocab_size
         self.bits = max(vocab_size - 1, 1).bit_length()
         if order * self.bits > 62:
-            raise ValueError(f"baseline.order={order} is too large for a vocabulary of {vocab_size}")
+            raise stage.StageError(f"baseline.order={order} is too large for a vocabulary of {vocab_size}")
         self.counts = {}  # order -> (sorted keys, counts)
         for k in range(1, order + 1):
             keys, counts = np.unique(ngram_keys(tokens, k, self.bits), return_counts=True)
@@ -76,26 +75,24 @@ def first_word_guess(docstring: str) -> str:
     return heldout.identifier(docstring.lower())
 
 
-def main(cfg: dict, out: Path, tracker) -> dict:
-    base_cfg, curated = cfg["baseline"], cfg["inputs"]["curate"]
-    tokenizer = AutoTokenizer.from_pretrained(f"{cfg['inputs']['tokenizer']}/tokenizer")
-    train_tokens = np.load(f"{cfg['inputs']['tokenizer']}/tokens/train.npy")
-    model = NGramModel(train_tokens, base_cfg["order"], base_cfg["discount"], len(tokenizer))
+def main(cfg: StageConfig, out: Path, tracker) -> dict:
+    base_cfg, curated = cfg.baseline, cfg.inputs["curate"]
+    bpe = tokenizer.load(cfg.inputs["tokenizer"])
+    model = NGramModel(tokenizer.tokens(cfg.inputs["tokenizer"], "train"), base_cfg.order, base_cfg.discount, len(bpe))
     np.savez_compressed(
         out / "ngram.npz",
         **{f"order{k}_{name}": arr for k, pair in model.counts.items() for name, arr in zip(("keys", "counts"), pair)},
     )
 
     texts = heldout.test_documents(curated)
-    docs = heldout.document_token_ids(tokenizer, texts)
+    docs = heldout.document_token_ids(bpe, texts)
     nats = -sum(float(model.log_probs(np.asarray(doc)).sum()) for doc in docs)
     metrics = heldout.language_model_metrics(nats, sum(len(d) - 1 for d in docs), sum(len(t.encode()) for t in texts))
 
     pairs = heldout.task_pairs(curated, "test")
     metrics["task_exact_match"] = heldout.exact_match([first_word_guess(p["docstring"]) for p in pairs], pairs)
     metrics["task_examples"] = len(pairs)
-    metrics["ngram_order"] = base_cfg["order"]
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    metrics["ngram_order"] = base_cfg.order
     return metrics
 
 

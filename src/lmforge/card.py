@@ -9,7 +9,6 @@ Outputs:
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -17,7 +16,8 @@ from pathlib import Path
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData, try_to_load_from_cache
 
-from lmforge import plan, stage
+from lmforge import evaluate, finetune, plan, quantize, stage
+from lmforge.schema import DataConfig, FinetuneConfig, StageConfig, stage_config
 
 ROWS = [  # (label, model key, metric key)
     ("n-gram baseline", "baseline", None),
@@ -56,11 +56,11 @@ def base_model_license(base: str) -> str | None:
     return ModelCard.load(path, ignore_metadata_errors=True).data.license if path else None
 
 
-def licences(data_cfg: dict, finetune_cfg: dict, model_license: str) -> str:
-    lines = [f"- Training data: {data_cfg['name']}, {data_cfg['license']}."]
-    if finetune_cfg["base"] != "pretrain":
-        base_license = base_model_license(finetune_cfg["base"])
-        lines.append(f"- Base model `{finetune_cfg['base']}`: {base_license or 'no licence found in its card'}.")
+def licences(data_cfg: DataConfig, finetune_cfg: FinetuneConfig, model_license: str) -> str:
+    lines = [f"- Training data: {data_cfg.name}, {data_cfg.license}."]
+    if finetune_cfg.base != "pretrain":
+        base_license = base_model_license(finetune_cfg.base)
+        lines.append(f"- Base model `{finetune_cfg.base}`: {base_license or 'no licence found in its card'}.")
         if base_license != model_license:
             lines.append(
                 f"- This card says `{model_license}` (`card.license`), which is not the base model's licence: "
@@ -105,19 +105,19 @@ def link_tree(source: Path, target: Path) -> None:
             shutil.copy2(path, target / path.name)
 
 
-def main(cfg: dict, out: Path, tracker) -> dict:
-    inputs, card_cfg = cfg["inputs"], cfg["card"]
-    manifests = {name: json.loads(Path(path, "manifest.json").read_text()) for name, path in inputs.items()}
-    results = json.loads(Path(inputs["evaluate"], "results.json").read_text())
-    data_cfg = manifests["curate"]["config"]["data"]
+def main(cfg: StageConfig, out: Path, tracker) -> dict:
+    inputs, card_cfg = cfg.inputs, cfg.card
+    manifests = {name: stage.manifest(path) for name, path in inputs.items()}
+    results = evaluate.results(inputs["evaluate"])
+    data_cfg = stage_config(manifests["curate"]["config"]).data
     sampling = results["sampling"]
     ft = results["models"]["finetune"]
 
     eval_results = [
         EvalResult(
             task_type="text-generation",
-            dataset_type=data_cfg["name"],
-            dataset_name=f"{data_cfg['name']} test split",
+            dataset_type=data_cfg.name,
+            dataset_name=f"{data_cfg.name} test split",
             metric_type="exact_match",
             metric_name=f"docstring->name exact match ({decoding})",
             metric_value=ft[f"task_exact_match_chat_{decoding}"],
@@ -126,34 +126,35 @@ def main(cfg: dict, out: Path, tracker) -> dict:
     ] + [
         EvalResult(
             task_type="text-generation",
-            dataset_type=data_cfg["name"],
-            dataset_name=f"{data_cfg['name']} test split",
+            dataset_type=data_cfg.name,
+            dataset_name=f"{data_cfg.name} test split",
             metric_type="bits_per_byte",
             metric_name="test bits per byte",
             metric_value=ft["test_bits_per_byte"],
         )
     ]
     card_data = ModelCardData(
-        model_name=card_cfg["model_name"],
-        license=card_cfg["license"],
-        language=card_cfg["language"],
+        model_name=card_cfg.model_name,
+        license=card_cfg.license,
+        language=card_cfg.language,
         library_name="transformers",
         pipeline_tag="text-generation",
         tags=["lmforge", "deepspeed"],
         eval_results=eval_results,
     )
-    pretrain_cfg = manifests["pretrain"]["config"]
-    finetune_cfg = manifests["finetune"]["config"]["finetune"]
-    external_base = finetune_cfg["base"] != "pretrain"
+    pretrain_raw, finetune_raw = manifests["pretrain"]["config"], manifests["finetune"]["config"]
+    finetune_cfg = stage_config(finetune_raw).finetune
+    external_base = finetune_cfg.base != "pretrain"
     if external_base:
-        card_data.base_model = finetune_cfg["base"]  # the Hub links the card to the model it was tuned from
+        card_data.base_model = finetune_cfg.base  # the Hub links the card to the model it was tuned from
     origin = (
-        f"Fine-tuned ({finetune_cfg['method']}) from `{finetune_cfg['base']}`"
+        f"Fine-tuned ({finetune_cfg.method}) from `{finetune_cfg.base}`"
         if external_base
-        else f"A Llama-style causal LM pretrained from scratch and fine-tuned ({finetune_cfg['method']})"
+        else f"A Llama-style causal LM pretrained from scratch and fine-tuned ({finetune_cfg.method})"
     )
     training = yaml.safe_dump(
-        {"model": pretrain_cfg["model"], "pretrain": pretrain_cfg["train"], "finetune": finetune_cfg}, sort_keys=False
+        {"model": pretrain_raw["model"], "pretrain": pretrain_raw["train"], "finetune": finetune_raw["finetune"]},
+        sort_keys=False,
     )
     evaluation = evaluation_table(results)
     settings = (
@@ -165,13 +166,13 @@ def main(cfg: dict, out: Path, tracker) -> dict:
     limitations = (
         "A tiny research model trained in minutes on CPU: it names functions from docstrings in the style of the Python "
         "standard library and does nothing else well. Do not use it for anything but testing the pipeline."
-        if data_cfg["source"] == "stdlib"
+        if data_cfg.source == "stdlib"
         else "Evaluated only on the held-out split of its own corpus."
     )
     card = ModelCard.from_template(
         card_data,
         template_str="---\n{{ card_data }}\n---\n\n# {{ model_name }}\n\n{{ body }}\n",
-        model_name=card_cfg["model_name"],
+        model_name=card_cfg.model_name,
         body=f"""{origin} by lmforge to predict a Python function's name from its docstring.
 
 ## Use
@@ -184,7 +185,7 @@ print(tokenizer.decode(model.generate(prompt, max_new_tokens=8)[0]))
 ```
 
 ## Training data
-{data_cfg["name"]} ({data_cfg["license"]}); see `datasheet.md` beside this card.
+{data_cfg.name} ({data_cfg.license}); see `datasheet.md` beside this card.
 
 ## Training
 ```yaml
@@ -196,7 +197,7 @@ print(tokenizer.decode(model.generate(prompt, max_new_tokens=8)[0]))
 {settings}
 
 ## Licences
-{licences(data_cfg, finetune_cfg, card_cfg["license"])}
+{licences(data_cfg, finetune_cfg, card_cfg.license)}
 
 ## Compute
 {compute_table(manifests)}
@@ -209,11 +210,11 @@ device-hours times the devices' power draw give an estimate.
 {limitations}
 
 ## Provenance
-Configuration key `{cfg["run"]["run_key"]}`; lmforge {manifests["finetune"]["code"]["lmforge"]}, git commit
-`{manifests["finetune"]["code"]["git_commit"]}`. An int8 weight-only variant is in `{inputs["quantize"]}/model`.
+Configuration key `{cfg.run.run_key}`; lmforge {manifests["finetune"]["code"]["lmforge"]}, git commit
+`{manifests["finetune"]["code"]["git_commit"]}`. An int8 weight-only variant is in `{quantize.model_dir(inputs["quantize"])}`.
 """,
     )
-    link_tree(Path(inputs["finetune"]) / "model", out / "model")
+    link_tree(Path(finetune.model_dir(inputs["finetune"])), out / "model")
     card.save(out / "model" / "README.md")
 
     curate_sheet = Path(inputs["curate"], "datasheet.md").read_text()

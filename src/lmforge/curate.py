@@ -28,6 +28,7 @@ import datasets
 import pyarrow.parquet as pq
 
 from lmforge import stage
+from lmforge.schema import DataConfig, StageConfig, TaskConfig
 
 SPLITS = ("train", "validation", "test")
 STDLIB_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
@@ -95,7 +96,7 @@ def read_jsonl(path: Path, text_field: str, stats: Counter) -> Iterator[dict]:
 def require_text_column(source: str, column_names: list[str], text_field: str) -> None:
     """A table without the text column is a config mistake, not a table of broken rows: stop and say so."""
     if text_field not in column_names:
-        raise SystemExit(
+        raise stage.StageError(
             f"{source} has no column {text_field!r} (data.text_field); its columns are {column_names}: "
             f"set data.text_field to one of them"
         )
@@ -152,15 +153,15 @@ def source_files(directory: Path, stats: Counter) -> list[Path]:
     return files
 
 
-def read_source(data_cfg: dict, stats: Counter) -> Iterator[dict]:
+def read_source(data_cfg: DataConfig, stats: Counter) -> Iterator[dict]:
     """The embedded stdlib, local .jsonl/.parquet/.txt files (a file or a directory), or a Hub dataset."""
-    source, field = data_cfg["source"], data_cfg["text_field"]
+    source, field = data_cfg.source, data_cfg.text_field
     if source == "stdlib":
         yield from read_stdlib(stats)
         return
     path = Path(source)
     if path.is_file() and path.suffix.lower() not in SUFFIXES:
-        raise SystemExit(f"data.source={source!r}: curate reads {', '.join(SUFFIXES)} files, not {path.suffix!r}")
+        raise stage.StageError(f"data.source={source!r}: curate reads {', '.join(SUFFIXES)} files, not {path.suffix!r}")
     if path.exists():
         for file in source_files(path, stats) if path.is_dir() else [path]:
             suffix = file.suffix.lower()
@@ -225,7 +226,7 @@ def assign_split(docs: Iterable[dict], validation_fraction: float, test_fraction
 # -- the fine-tuning task ------------------------------------------------------
 
 
-def docstring_pairs(doc: dict, task_cfg: dict, stats: Counter) -> Iterator[dict]:
+def docstring_pairs(doc: dict, task_cfg: TaskConfig, stats: Counter) -> Iterator[dict]:
     """Public functions and methods with a docstring of enough words that does not give away the name."""
     try:
         tree = ast.parse(doc["text"])
@@ -238,13 +239,13 @@ def docstring_pairs(doc: dict, task_cfg: dict, stats: Counter) -> Iterator[dict]
         docstring = ast.get_docstring(node)
         if not docstring:
             continue
-        docstring = " ".join(docstring.split())[: task_cfg["max_docstring_chars"]]
-        if len(docstring.split()) < task_cfg["min_docstring_words"] or node.name.lower() in docstring.lower():
+        docstring = " ".join(docstring.split())[: task_cfg.max_docstring_chars]
+        if len(docstring.split()) < task_cfg.min_docstring_words or node.name.lower() in docstring.lower():
             continue
         yield {"docstring": docstring, "name": node.name, "source_id": doc["id"], "split": doc["split"]}
 
 
-def build_task(docs: list[dict], task_cfg: dict, stats: Counter) -> list[dict]:
+def build_task(docs: list[dict], task_cfg: TaskConfig, stats: Counter) -> list[dict]:
     pairs = [pair for doc in docs for pair in docstring_pairs(doc, task_cfg, stats)]
     names = Counter(p["name"] for p in pairs)
     docstrings = Counter(p["docstring"] for p in pairs)
@@ -290,7 +291,7 @@ def columns(rows: list[dict], features: datasets.Features) -> datasets.Dataset:
     return datasets.Dataset.from_dict({k: [r[k] for r in rows] for k in features}, features=features)
 
 
-def datasheet(data_cfg: dict, stats: dict) -> str:
+def datasheet(data_cfg: DataConfig, stats: dict) -> str:
     rows = "\n".join(f"| {k} | {v} |" for k, v in sorted(stats.items()) if not isinstance(v, dict))
     splits = "\n".join(
         f"| {s} | {stats['splits'][s]['documents']} | {stats['splits'][s]['bytes']} | {stats['task'][s]} |"
@@ -298,20 +299,20 @@ def datasheet(data_cfg: dict, stats: dict) -> str:
     )
     source = (
         f"Python {sys.version.split()[0]} standard library (`.py` files of the running interpreter, test suites excluded)"
-        if data_cfg["source"] == "stdlib"
-        else f"`{data_cfg['source']}`"
+        if data_cfg.source == "stdlib"
+        else f"`{data_cfg.source}`"
     )
-    return f"""# Datasheet: {data_cfg["name"]}
+    return f"""# Datasheet: {data_cfg.name}
 
 ## Source and licence
 - Source: {source}
-- Licence: {data_cfg["license"]}
+- Licence: {data_cfg.license}
 - Per-document source hashes: `source_sha256` column of `data/*.parquet`.
 
 ## Curation
-Unicode {data_cfg["normalization"]} normalization; documents shorter than {data_cfg["min_chars"]} or longer than
-{data_cfg["max_chars"]} characters dropped; exact duplicates (sha256 of normalized text) dropped; split by a hash of
-the document id ({data_cfg["validation_fraction"]:.0%} validation, {data_cfg["test_fraction"]:.0%} test).
+Unicode {data_cfg.normalization} normalization; documents shorter than {data_cfg.min_chars} or longer than
+{data_cfg.max_chars} characters dropped; exact duplicates (sha256 of normalized text) dropped; split by a hash of
+the document id ({data_cfg.validation_fraction:.0%} validation, {data_cfg.test_fraction:.0%} test).
 
 | count | value |
 |---|---|
@@ -324,28 +325,28 @@ the document id ({data_cfg["validation_fraction"]:.0%} validation, {data_cfg["te
 
 ## Fine-tuning task
 Docstring -> function name for public functions and methods whose docstring has at least
-{data_cfg["task"]["min_docstring_words"]} words and does not contain the name; names and docstrings that occur more than
+{data_cfg.task.min_docstring_words} words and does not contain the name; names and docstrings that occur more than
 once are dropped everywhere. Pairs come from their document's split, and held-out pairs whose docstring or
 definition appears in any training document are dropped (leakage check).
 """
 
 
-def main(cfg: dict, out: Path, tracker) -> dict:
-    data_cfg = cfg["data"]
+def main(cfg: StageConfig, out: Path, tracker) -> dict:
+    data_cfg = cfg.data
     stats = Counter(rows_read=0, broken_rows=0, skipped_files=0, skipped_hidden_files=0)  # listed also when 0
     docs = read_source(data_cfg, stats)
-    docs = normalize(docs, data_cfg["normalization"])
-    docs = filter_length(docs, data_cfg["min_chars"], data_cfg["max_chars"], stats)
+    docs = normalize(docs, data_cfg.normalization)
+    docs = filter_length(docs, data_cfg.min_chars, data_cfg.max_chars, stats)
     docs = deduplicate(docs, stats)
-    docs = assign_split(docs, data_cfg["validation_fraction"], data_cfg["test_fraction"])
-    docs = list(docs)[: data_cfg["max_documents"]]
+    docs = assign_split(docs, data_cfg.validation_fraction, data_cfg.test_fraction)
+    docs = list(docs)[: data_cfg.max_documents]
     if stats["broken_rows"]:
         print(f"skipped {stats['broken_rows']} broken rows of {stats['rows_read']}", file=sys.stderr)
     if not docs:
-        raise SystemExit(f"no documents left after curation of {data_cfg['source']!r}: {dict(stats)}")
+        raise stage.StageError(f"no documents left after curation of {data_cfg.source!r}: {dict(stats)}")
 
     train_text = "\n".join(d["text"] for d in docs if d["split"] == "train")
-    pairs = drop_leaked(build_task(docs, data_cfg["task"], stats), train_text, stats)
+    pairs = drop_leaked(build_task(docs, data_cfg.task, stats), train_text, stats)
 
     summary = {k: int(v) for k, v in stats.items()}
     summary["documents"] = len(docs)
@@ -359,7 +360,7 @@ def main(cfg: dict, out: Path, tracker) -> dict:
         columns(split_pairs, TASK_FEATURES).to_parquet(out / "task" / f"{split}.parquet")
         summary["splits"][split] = {"documents": len(split_docs), "bytes": sum(d["n_bytes"] for d in split_docs)}
         summary["task"][split] = len(split_pairs)
-    summary["python_version"] = sys.version.split()[0] if data_cfg["source"] == "stdlib" else None
+    summary["python_version"] = sys.version.split()[0] if data_cfg.source == "stdlib" else None
     stage.write_json(out / "stats.json", summary)
     (out / "datasheet.md").write_text(datasheet(data_cfg, summary))
     tracker.log_artifacts([out / "stats.json", out / "datasheet.md"])

@@ -12,6 +12,7 @@ Outputs: results.json (metrics per model, sampling settings, seed), predictions.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -19,11 +20,16 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lmforge import heldout, stage
-from lmforge.finetune import chat_prompt, end_of_turn_ids
+from lmforge import finetune, heldout, pretrain, quantize, stage
+from lmforge.chat import chat_prompt, end_of_turn_ids
+from lmforge.schema import EvalConfig, StageConfig
+
+
+def results(stage_dir: str) -> dict:
+    """This stage's report: metrics per model, sampling settings, seed, how many examples and documents."""
+    return json.loads(Path(stage_dir, "results.json").read_text())
 
 
 def load(model_dir: str):
@@ -52,17 +58,17 @@ def test_nats(model, docs: list[list[int]], context: int, batch_size: int = 16) 
 
 
 @torch.no_grad()
-def generate_names(model, tokenizer, prompts: list[list[int]], eval_cfg: dict, sample: bool, seed: int) -> list[str]:
+def generate_names(model, tokenizer, prompts: list[list[int]], eval_cfg: EvalConfig, sample: bool, seed: int) -> list[str]:
     stop = end_of_turn_ids(tokenizer) if tokenizer.chat_template else [tokenizer.eos_token_id]
     settings = dict(
-        max_new_tokens=eval_cfg["max_new_tokens"],
+        max_new_tokens=eval_cfg.max_new_tokens,
         do_sample=sample,
         eos_token_id=stop,
         pad_token_id=tokenizer.pad_token_id,
     )
     if sample:
-        s = eval_cfg["sampling"]
-        settings.update(temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"])
+        s = eval_cfg.sampling
+        settings.update(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
     else:
         settings.update(temperature=None, top_k=None, top_p=None)
     torch.manual_seed(seed)
@@ -75,27 +81,31 @@ def generate_names(model, tokenizer, prompts: list[list[int]], eval_cfg: dict, s
     return names
 
 
-def code_prompts(tokenizer, pairs: list[dict], shots: list[dict], eval_cfg: dict) -> list[list[int]]:
-    prefix = "".join(eval_cfg["shot_template"].format(**shot) for shot in shots)
-    texts = [prefix + eval_cfg["prompt_template"].format(docstring=p["docstring"]) for p in pairs]
+def code_prompts(tokenizer, pairs: list[dict], shots: list[dict], eval_cfg: EvalConfig) -> list[list[int]]:
+    prefix = "".join(eval_cfg.shot_template.format(**shot) for shot in shots)
+    texts = [prefix + eval_cfg.prompt_template.format(docstring=p["docstring"]) for p in pairs]
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
-def main(cfg: dict, out: Path, tracker) -> dict:
-    eval_cfg, inputs, seed = cfg["eval"], cfg["inputs"], cfg["seed"]
-    pairs = heldout.task_pairs(inputs["curate"], "test", eval_cfg["max_task_examples"])
-    shots = random.Random(seed).sample(heldout.task_pairs(inputs["curate"], "train"), eval_cfg["few_shot"])
-    texts = heldout.test_documents(inputs["curate"], eval_cfg["max_test_documents"])
+def main(cfg: StageConfig, out: Path, tracker) -> dict:
+    eval_cfg, inputs, seed = cfg.eval, cfg.inputs, cfg.seed
+    pairs = heldout.task_pairs(inputs["curate"], "test", eval_cfg.max_task_examples)
+    shots = random.Random(seed).sample(heldout.task_pairs(inputs["curate"], "train"), eval_cfg.few_shot)
+    texts = heldout.test_documents(inputs["curate"], eval_cfg.max_test_documents)
     n_bytes = sum(len(t.encode()) for t in texts)
 
-    baseline = json.loads(Path(inputs["baseline"], "metrics.json").read_text())
+    baseline = stage.metrics(inputs["baseline"])
     results = {"baseline": {k: baseline[k] for k in ("test_perplexity", "test_bits_per_byte", "task_exact_match")}}
     results["baseline"]["task_exact_match_stderr"] = heldout.standard_error(
         baseline["task_exact_match"], baseline["task_examples"]
     )
     predictions = []
-    model_dirs = {name: f"{inputs[name]}/model" for name in ("pretrain", "finetune", "quantize")}
-    base = yaml.safe_load(Path(inputs["finetune"], "config.yaml").read_text())["finetune"]["base"]
+    model_dirs = {
+        "pretrain": pretrain.model_dir(inputs["pretrain"]),
+        "finetune": finetune.model_dir(inputs["finetune"]),
+        "quantize": quantize.model_dir(inputs["quantize"]),
+    }
+    base = stage.manifest(inputs["finetune"])["config"]["finetune"]["base"]
     if base != "pretrain":
         model_dirs = {"base": base, **model_dirs}
     for name, model_dir in model_dirs.items():
@@ -126,9 +136,9 @@ def main(cfg: dict, out: Path, tracker) -> dict:
     report = {
         "models": results,
         "seed": seed,
-        "sampling": eval_cfg["sampling"],
-        "greedy": {"max_new_tokens": eval_cfg["max_new_tokens"]},
-        "few_shot": eval_cfg["few_shot"],
+        "sampling": dataclasses.asdict(eval_cfg.sampling),
+        "greedy": {"max_new_tokens": eval_cfg.max_new_tokens},
+        "few_shot": eval_cfg.few_shot,
         "task_examples": len(pairs),
         "test_documents": len(texts),
         "test_bytes": n_bytes,

@@ -7,54 +7,37 @@ are used. The loss is on the answer tokens only (the name and the template's end
 bitsandbytes, CUDA only); adapters are merged into the unquantized base for export. Same DeepSpeed loop
 as pretraining.
 
-Outputs: model/ (a plain Hugging Face model directory with the tokenizer), metrics.json.
+Outputs: model/ (a plain Hugging Face model directory with the tokenizer); metrics in the manifest.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lmforge import heldout, stage, train_loop
+from lmforge import heldout, pretrain, stage, train_loop
+from lmforge.chat import chat_texts
+from lmforge.schema import FinetuneConfig, LoraConfig, StageConfig
 
 IGNORE = -100
 
 
-def base_model_dir(cfg: dict) -> str:
+def model_dir(stage_dir: str) -> str:
+    """The fine-tuned model this stage exported (adapters merged), with the tokenizer."""
+    return f"{stage_dir}/model"
+
+
+def base_model_dir(cfg: StageConfig) -> str:
     """`finetune.base`: `pretrain` (this pipeline's model), or a Hub name or local path of a causal LM.
 
     Compute nodes usually have no internet: download a Hub model on the login node first
     (`hf download NAME`, with HF_HOME on the shared filesystem); loading then works offline.
     """
-    base = cfg["finetune"]["base"]
-    return f"{cfg['inputs']['pretrain']}/model" if base == "pretrain" else base
-
-
-def chat_texts(tokenizer, pair: dict) -> tuple[str, str]:
-    """The prompt (user turn + assistant header) and the answer (name + end of turn) in the model's template."""
-    user = [{"role": "user", "content": pair["docstring"]}]
-    prompt = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
-    full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": pair["name"]}], tokenize=False)
-    if not full.startswith(prompt):
-        raise SystemExit("the base model's chat template does not render the prompt as a prefix of the dialogue")
-    return prompt, full[len(prompt) :]
-
-
-def chat_prompt(tokenizer, docstring: str) -> list[int]:
-    """What the model sees before it answers."""
-    prompt, _ = chat_texts(tokenizer, {"docstring": docstring, "name": "f"})
-    return tokenizer(prompt, add_special_tokens=False)["input_ids"]
-
-
-def end_of_turn_ids(tokenizer) -> list[int]:
-    """Tokens that end an answer: EOS and the special tokens the template puts after the assistant's text."""
-    _, answer = chat_texts(tokenizer, {"docstring": "d", "name": "f"})
-    special = set(tokenizer.all_special_ids) & set(tokenizer(answer, add_special_tokens=False)["input_ids"])
-    return sorted(special | {tokenizer.eos_token_id})
+    base = cfg.finetune.base
+    return pretrain.model_dir(cfg.inputs["pretrain"]) if base == "pretrain" else base
 
 
 def sft_example(tokenizer, pair: dict, max_len: int) -> dict:
@@ -78,7 +61,7 @@ def load_base(base: str, quantized: bool) -> torch.nn.Module:
     if not quantized:
         return AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     if not torch.cuda.is_available():
-        raise SystemExit(
+        raise stage.StageError(
             "finetune.method=qlora needs a CUDA GPU: bitsandbytes' 4-bit NF4 weights are not faithful on CPU. "
             "On CPU use finetune=lora (same adapters on an unquantized base)."
         )
@@ -96,43 +79,42 @@ def load_base(base: str, quantized: bool) -> torch.nn.Module:
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
-def add_adapters(model: torch.nn.Module, lora: dict) -> torch.nn.Module:
+def add_adapters(model: torch.nn.Module, lora: LoraConfig) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
 
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     adapters = LoraConfig(
-        r=lora["r"],
-        lora_alpha=lora["alpha"],
-        lora_dropout=lora["dropout"],
-        target_modules=[m for m in lora["target_modules"] if m in present],
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=[m for m in lora.target_modules if m in present],
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, adapters)
 
 
-def load_trainable(base: str, ft_cfg: dict, for_export: bool = False) -> torch.nn.Module:
+def load_trainable(base: str, ft_cfg: FinetuneConfig, for_export: bool = False) -> torch.nn.Module:
     """The model to train; for export, the same shape on an unquantized base so adapters merge exactly."""
-    method = ft_cfg["method"]
-    model = load_base(base, quantized=method == "qlora" and not for_export)
-    return model if method == "full" else add_adapters(model, ft_cfg["lora"])
+    model = load_base(base, quantized=ft_cfg.method == "qlora" and not for_export)
+    return model if ft_cfg.method == "full" else add_adapters(model, ft_cfg.lora)
 
 
-def main(cfg: dict, out: Path, tracker) -> dict:
-    ft_cfg, tcfg = cfg["finetune"], cfg["finetune"]["train"]
+def main(cfg: StageConfig, out: Path, tracker) -> dict:
+    ft_cfg, tcfg = cfg.finetune, cfg.finetune.train
     base = base_model_dir(cfg)
     tokenizer = AutoTokenizer.from_pretrained(base)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # many base models have no padding token
     model = load_trainable(base, ft_cfg)
     max_len = model.config.max_position_embeddings
-    curated = cfg["inputs"]["curate"]
+    curated = cfg.inputs["curate"]
     train_examples = [sft_example(tokenizer, p, max_len) for p in heldout.task_pairs(curated, "train")]
     if not train_examples:
-        raise SystemExit(f"no fine-tuning pairs in {curated}/task/train.parquet: the corpus yielded no docstring pairs")
+        raise stage.StageError(f"no fine-tuning pairs in {curated}/task/train.parquet: the corpus yielded no docstring pairs")
     val_examples = [sft_example(tokenizer, p, max_len) for p in heldout.task_pairs(curated, "validation")]
-    mb = tcfg["micro_batch_size"]
+    mb = tcfg.micro_batch_size
     validation = [pad_batch(val_examples[i : i + mb], tokenizer.pad_token_id) for i in range(0, len(val_examples), mb)]
-    validation = validation[: tcfg["eval_batches"]]
+    validation = validation[: tcfg.eval_batches]
 
     state, metrics = train_loop.train(
         model,
@@ -140,25 +122,25 @@ def main(cfg: dict, out: Path, tracker) -> dict:
         len(train_examples),
         validation,
         tcfg,
-        cfg["seed"],
-        Path(cfg["run"]["checkpoint_dir"]),
+        cfg.seed,
+        Path(cfg.run.checkpoint_dir),
         tracker,
     )
     if not stage.is_rank_zero():
         return metrics
     final = load_trainable(base, ft_cfg, for_export=True)
-    if ft_cfg["method"] == "full":
+    if ft_cfg.method == "full":
         final.load_state_dict(state)
     else:  # the base is frozen: only the adapters were trained (a QLoRA state holds 4-bit base weights)
         adapters = {k: v for k, v in state.items() if "lora_" in k}
-        missing = final.load_state_dict(adapters, strict=False).missing_keys
-        assert not [k for k in missing if "lora_" in k], "trained adapters missing from the checkpoint"
+        missing = [k for k in final.load_state_dict(adapters, strict=False).missing_keys if "lora_" in k]
+        if missing:
+            raise stage.StageError(f"{len(missing)} trained adapter tensors are not in the checkpoint, e.g. {missing[0]}")
         metrics["trainable_parameters"] = sum(v.numel() for v in adapters.values())
         final = final.merge_and_unload()
-    final.save_pretrained(out / "model")
-    tokenizer.save_pretrained(out / "model")
+    final.save_pretrained(model_dir(out))
+    tokenizer.save_pretrained(model_dir(out))
     metrics["train_examples"] = len(train_examples)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 

@@ -11,12 +11,12 @@ prediction), loss_vs_compute.png (loss against compute C = 6ND, with the fitted 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from lmforge import stage
+from lmforge.schema import StageConfig
 
 EXPONENTS = np.linspace(0.02, 1.5, 149)  # the grid of alpha and beta
 
@@ -76,10 +76,10 @@ def plot(points: list[dict], law: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main(cfg: dict, out: Path, tracker) -> dict:
+def main(cfg: StageConfig, out: Path, tracker) -> dict:
     points = []
-    for name, directory in sorted(cfg["inputs"].items()):
-        metrics = json.loads((Path(directory) / "manifest.json").read_text())["metrics"]
+    for name, directory in sorted(cfg.inputs.items()):
+        metrics = stage.metrics(directory)
         n, d, loss = metrics["non_embedding_parameters"], metrics["train_tokens_seen"], metrics["validation_loss"]
         points.append({"pretrain": name.removeprefix("pretrain_"), "N": n, "D": d, "loss": loss})
     n, d, loss = (np.array([p[k] for p in points], float) for k in ("N", "D", "loss"))

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 # -- valid values: each setting that has a range or a set of choices says so where it is declared ------------
 
@@ -223,3 +223,37 @@ class Config:
 
 
 ConfigStore.instance().store(name="schema", node=Config)
+
+
+# -- what one stage job reads ------------------------------------------------------------------------------------
+
+
+@dataclass
+class StageRunConfig(RunConfig):
+    run_key: str | None = None  # the configuration's key: its MLflow parent run
+    checkpoint_dir: str | None = None  # training stages: outside the stage's output, so a rerun resumes
+
+
+@dataclass
+class StageConfig:
+    """The config of one stage job (lmforge.plan writes it): the sections the stage reads, the others None."""
+
+    stage: str = MISSING
+    key: str = MISSING
+    inputs: dict[str, str] = field(default_factory=dict)  # upstream stage -> its directory
+    run: StageRunConfig = field(default_factory=StageRunConfig)
+    seed: int | None = None
+    data: DataConfig | None = None
+    tokenizer: TokenizerConfig | None = None
+    baseline: BaselineConfig | None = None
+    model: ModelConfig | None = None
+    train: TrainConfig | None = None
+    finetune: FinetuneConfig | None = None
+    quantize: QuantizeConfig | None = None
+    eval: EvalConfig | None = None
+    card: CardConfig | None = None
+
+
+def stage_config(raw: dict) -> StageConfig:
+    """A stage's resolved config as the schema's dataclasses, with attribute access and the schema's types."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(StageConfig), raw))

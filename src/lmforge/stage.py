@@ -1,14 +1,19 @@
 """The contract every stage keeps: `python -m lmforge.<stage> CONFIG OUT_DIR`.
 
-A stage reads its resolved config (written by the Snakefile when it plans the
-DAG), reads the directories named in `config["inputs"]`, and writes its outputs
+A stage reads its resolved config (written when a run starts), as the schema's
+dataclasses (lmforge.schema.StageConfig), reads the directories named in
+`cfg.inputs` through their stages' readers (`tokenizer.load`, `pretrain.model_dir`,
+`stage.metrics`, ...), and writes its outputs
 into a temporary sibling of OUT_DIR that is renamed into place only when the
 stage succeeded, together with the config snapshot, a manifest (config,
 input hashes, code version, environment, metrics, every attempt's job and
 time) and the stage's run record (lmforge.tracking), which the local rule
 `history` copies into MLflow. An attempt after one that died (cancelled,
 preempted, out of memory) starts from an empty sibling but for the run
-record, which it continues.
+record, which it continues. A stage's metrics are in its manifest only.
+
+Helpers raise StageError with a message that says what to change; `run` turns it
+into the job's exit message.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import yaml
+
+from lmforge.schema import StageConfig, stage_config
 
 PACKAGES = ("torch", "transformers", "tokenizers", "datasets", "deepspeed", "peft", "torchao", "mlflow", "hydra-core")
 
@@ -115,6 +122,16 @@ def write_json(path: Path, obj) -> None:
     partial.replace(path)
 
 
+def manifest(stage_dir: str | Path) -> dict:
+    """A finished stage's manifest: its config, inputs, code, environment, attempts and metrics."""
+    return json.loads((Path(stage_dir) / "manifest.json").read_text())
+
+
+def metrics(stage_dir: str | Path) -> dict:
+    """A finished stage's metrics: the one place they are written."""
+    return manifest(stage_dir)["metrics"]
+
+
 def is_rank_zero() -> bool:
     return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0
 
@@ -130,17 +147,27 @@ def empty_except(directory: Path, kept: str) -> None:
             path.unlink()
 
 
-def run(main: Callable[[dict, Path, object], dict]) -> None:
+class StageError(Exception):
+    """Input a stage cannot work with; the message says what to change. The stage exits with it."""
+
+
+def run(main: Callable[[StageConfig, Path, object], dict]) -> None:
     """Run one stage: `main(config, work_dir, tracker)` returns the stage's metrics."""
     if len(sys.argv) != 3:
         sys.exit(f"usage: python -m {main.__module__} CONFIG.yaml OUT_DIR")
+    try:
+        _run(main, Path(sys.argv[1]), Path(sys.argv[2]))
+    except StageError as err:
+        sys.exit(f"{main.__module__}: {err}")
+
+
+def _run(main: Callable[[StageConfig, Path, object], dict], config_file: Path, out: Path) -> None:
     import datasets
 
     from lmforge import tracking
 
     datasets.disable_progress_bars()  # job logs are files, not terminals
-    cfg = yaml.safe_load(Path(sys.argv[1]).read_text())
-    out = Path(sys.argv[2])
+    cfg = yaml.safe_load(config_file.read_text())
     work = out.with_name(out.name + ".partial")
     if "seed" in cfg:
         seed_everything(cfg["seed"])
@@ -148,7 +175,7 @@ def run(main: Callable[[dict, Path, object], dict]) -> None:
     with tracking.stage_run(cfg, work, enabled=rank_zero) as tracker:
         if rank_zero:  # what a dead attempt wrote, but its run record, which this attempt continues
             empty_except(work, tracking.RECORD_DIR)
-        metrics = main(cfg, work, tracker)
+        metrics = main(stage_config(cfg), work, tracker)
         if not rank_zero:
             return
         attempts = tracker.attempts_until_now()

@@ -12,17 +12,27 @@ from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from lmforge import stage
-from lmforge.curate import load_split
+from lmforge import curate, stage
+from lmforge.schema import StageConfig
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 CHAT_TOKENS = ["<|im_start|>", "<|im_end|>"]
 
 
+def load(stage_dir: str) -> PreTrainedTokenizerFast:
+    """The tokenizer this stage trained."""
+    return AutoTokenizer.from_pretrained(f"{stage_dir}/tokenizer")
+
+
+def tokens(stage_dir: str, split: str) -> np.ndarray:
+    """A split's documents as one array of token ids, each document followed by <|endoftext|>."""
+    return np.load(f"{stage_dir}/tokens/{split}.npy")
+
+
 def load_texts(curated: str, split: str) -> list[str]:
-    return list(load_split(curated, "data", split)["text"])
+    return list(curate.load_split(curated, "data", split)["text"])
 
 
 def train_bpe(texts, vocab_size: int, min_frequency: int) -> Tokenizer:
@@ -47,17 +57,17 @@ def pack(tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> np.ndarray:
     return np.fromiter((t for doc in ids for t in (*doc, tokenizer.eos_token_id)), dtype=dtype)
 
 
-def main(cfg: dict, out: Path, tracker) -> dict:
-    tok_cfg, curated = cfg["tokenizer"], cfg["inputs"]["curate"]
+def main(cfg: StageConfig, out: Path, tracker) -> dict:
+    tok_cfg, curated = cfg.tokenizer, cfg.inputs["curate"]
     train_texts = load_texts(curated, "train")
-    bpe = train_bpe(train_texts, tok_cfg["vocab_size"], tok_cfg["min_frequency"])
+    bpe = train_bpe(train_texts, tok_cfg.vocab_size, tok_cfg.min_frequency)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe,
         bos_token=EOS,
         eos_token=EOS,
         pad_token=PAD,
         additional_special_tokens=CHAT_TOKENS,
-        chat_template=tok_cfg["chat_template"],
+        chat_template=tok_cfg.chat_template,
         model_max_length=1_000_000,
     )
     tokenizer.save_pretrained(out / "tokenizer")

@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lmforge.schema import TrainConfig
+
 
 def setup_distributed() -> tuple[int, int]:
     """Set RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT unless a launcher did; returns (rank, world size)."""
@@ -55,21 +57,21 @@ def setup_distributed() -> tuple[int, int]:
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 
 
-def deepspeed_config(tcfg: dict, world: int) -> dict:
-    zero = {"stage": tcfg["zero_stage"]}
-    if tcfg["offload"] in ("optimizer", "optimizer+parameters"):
+def deepspeed_config(tcfg: TrainConfig, world: int) -> dict:
+    zero = {"stage": tcfg.zero_stage}
+    if tcfg.offload in ("optimizer", "optimizer+parameters"):
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    if tcfg["offload"] == "optimizer+parameters":
+    if tcfg.offload == "optimizer+parameters":
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     return {
-        "train_micro_batch_size_per_gpu": tcfg["micro_batch_size"],
-        "gradient_accumulation_steps": tcfg["grad_accum"],
-        "train_batch_size": tcfg["micro_batch_size"] * tcfg["grad_accum"] * world,
-        "gradient_clipping": tcfg["grad_clip"],
+        "train_micro_batch_size_per_gpu": tcfg.micro_batch_size,
+        "gradient_accumulation_steps": tcfg.grad_accum,
+        "train_batch_size": tcfg.micro_batch_size * tcfg.grad_accum * world,
+        "gradient_clipping": tcfg.grad_clip,
         "zero_optimization": zero,
         # No per-parameter overflow check before each step: bf16 has fp32's range, so the check (small kernels
         # for every parameter and a host sync) finds only divergence, which skipping a step does not cure.
-        "bf16": {"enabled": tcfg["precision"] == "bf16", "check_grad_overflow": False},
+        "bf16": {"enabled": tcfg.precision == "bf16", "check_grad_overflow": False},
         # Offload steps torch's AdamW on the CPU copy; DeepSpeedCPUAdam would be faster but needs its C++ op built.
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 10**9,
@@ -77,12 +79,12 @@ def deepspeed_config(tcfg: dict, world: int) -> dict:
     }
 
 
-def prepare_model(model: torch.nn.Module, tcfg: dict) -> torch.nn.Module:
+def prepare_model(model: torch.nn.Module, tcfg: TrainConfig) -> torch.nn.Module:
     """Options that change how the model computes, not what: attention kernel, recomputation, compilation."""
-    model.set_attn_implementation(tcfg["attention"])
-    if tcfg["activation_checkpointing"]:  # recompute each layer's activations in the backward pass
+    model.set_attn_implementation(tcfg.attention)
+    if tcfg.activation_checkpointing:  # recompute each layer's activations in the backward pass
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if tcfg["compile"]:  # in place, so state_dict keys stay those of the plain model
+    if tcfg.compile:  # in place, so state_dict keys stay those of the plain model
         model.compile()
     return model
 
@@ -91,9 +93,9 @@ def prepare_model(model: torch.nn.Module, tcfg: dict) -> torch.nn.Module:
 PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0}
 
 
-def peak_tflops(tcfg: dict, device: torch.device) -> float | None:
-    if tcfg["peak_tflops"] is not None:
-        return tcfg["peak_tflops"]
+def peak_tflops(tcfg: TrainConfig, device: torch.device) -> float | None:
+    if tcfg.peak_tflops is not None:
+        return tcfg.peak_tflops
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
@@ -121,12 +123,12 @@ def flops_per_token(trainable: int, frozen: int, model_config, seq_len: int) -> 
     return 6 * trainable + 4 * frozen + attention
 
 
-def cosine_with_warmup(tcfg: dict) -> Callable[[int], float]:
+def cosine_with_warmup(tcfg: TrainConfig) -> Callable[[int], float]:
     def factor(step: int) -> float:
-        if step < tcfg["warmup_steps"]:
-            return (step + 1) / tcfg["warmup_steps"]
-        progress = min(1.0, (step - tcfg["warmup_steps"]) / max(1, tcfg["steps"] - tcfg["warmup_steps"]))
-        return tcfg["min_lr_ratio"] + (1 - tcfg["min_lr_ratio"]) * 0.5 * (1 + math.cos(math.pi * progress))
+        if step < tcfg.warmup_steps:
+            return (step + 1) / tcfg.warmup_steps
+        progress = min(1.0, (step - tcfg.warmup_steps) / max(1, tcfg.steps - tcfg.warmup_steps))
+        return tcfg.min_lr_ratio + (1 - tcfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
 
@@ -136,12 +138,12 @@ def epoch_order(seed: int, epoch: int, n_examples: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n_examples)
 
 
-def sample_indices(step: int, micro: int, rank: int, tcfg: dict, world: int, n_examples: int, seed: int) -> list[int]:
+def sample_indices(step: int, micro: int, rank: int, tcfg: TrainConfig, world: int, n_examples: int, seed: int) -> list[int]:
     """Which examples a micro-batch holds: a function of the step alone, so resuming restores the data position."""
-    per_step = tcfg["micro_batch_size"] * tcfg["grad_accum"] * world
-    first = step * per_step + (micro * world + rank) * tcfg["micro_batch_size"]
+    per_step = tcfg.micro_batch_size * tcfg.grad_accum * world
+    first = step * per_step + (micro * world + rank) * tcfg.micro_batch_size
     indices = []
-    for g in range(first, first + tcfg["micro_batch_size"]):
+    for g in range(first, first + tcfg.micro_batch_size):
         epoch, position = divmod(g, n_examples)
         indices.append(int(epoch_order(seed, epoch, n_examples)[position]))
     return indices
@@ -258,12 +260,12 @@ def train(
     collate: Callable[[list[int]], dict],
     n_examples: int,
     validation_batches: list[dict],
-    tcfg: dict,
+    tcfg: TrainConfig,
     seed: int,
     checkpoint_dir: Path,
     tracker,
 ) -> tuple[dict, dict]:
-    """Train `model` for tcfg["steps"] optimizer steps; returns the full fp32 state dict and metrics."""
+    """Train `model` for tcfg.steps optimizer steps; returns the full fp32 state dict and metrics."""
     import deepspeed
 
     rank, world = setup_distributed()
@@ -274,10 +276,10 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         params,
-        lr=tcfg["lr"],
+        lr=tcfg.lr,
         betas=(0.9, 0.95),
-        weight_decay=tcfg["weight_decay"],
-        fused=device.type == "cuda" and tcfg["offload"] == "none",  # one kernel for all parameters
+        weight_decay=tcfg.weight_decay,
+        fused=device.type == "cuda" and tcfg.offload == "none",  # one kernel for all parameters
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(tcfg))
     engine, optimizer, _, scheduler = deepspeed.initialize(
@@ -303,7 +305,7 @@ def train(
             ) from error
         start_step, metrics = client["step"], client["metrics"]
         _set_rng_state(client["rng"][rank])
-        print(f"resumed from {checkpoint_dir} at step {start_step} of {tcfg['steps']}", file=sys.stderr)
+        print(f"resumed from {checkpoint_dir} at step {start_step} of {tcfg.steps}", file=sys.stderr)
 
     def save(step: int) -> None:
         states = [None] * world
@@ -327,8 +329,8 @@ def train(
     # Since the last log line, on this rank: tokens with a loss, tokens through the model, and the model FLOPs.
     trained_tokens = seen_tokens = flops = 0
     last_time = time.perf_counter()
-    for step in range(start_step, tcfg["steps"]):
-        for micro in range(tcfg["grad_accum"]):
+    for step in range(start_step, tcfg.steps):
+        for micro in range(tcfg.grad_accum):
             batch = collate(sample_indices(step, micro, rank, tcfg, world, n_examples, seed))
             trained_tokens += int((batch["labels"] != -100).sum())
             seen_tokens += batch["input_ids"].numel()
@@ -338,7 +340,7 @@ def train(
             engine.backward(loss)
             engine.step()
         done = step + 1
-        if done % LOG_EVERY == 0 or done == tcfg["steps"]:
+        if done % LOG_EVERY == 0 or done == tcfg.steps:
             logged = {"train_loss": loss.item(), "lr": scheduler.get_last_lr()[0]}  # .item() waits for the GPU
             elapsed, last_time = time.perf_counter() - last_time, time.perf_counter()
             logged["tokens_per_second"] = trained_tokens * world / elapsed
@@ -349,25 +351,25 @@ def train(
             tracker.log_metrics(logged, step=done)
             if rank == 0:
                 print(f"step {done} " + " ".join(f"{k}={v:.4g}" for k, v in logged.items()), file=sys.stderr)
-        if done % tcfg["eval_every"] == 0 or done == tcfg["steps"]:
+        if done % tcfg.eval_every == 0 or done == tcfg.steps:
             metrics["validation_loss"] = validation_loss()
             tracker.log_metrics({"validation_loss": metrics["validation_loss"]}, step=done)
         stopping = stop.agreed()
-        if stopping or done % tcfg["checkpoint_every"] == 0 or done == tcfg["steps"]:
+        if stopping or done % tcfg.checkpoint_every == 0 or done == tcfg.steps:
             metrics["train_loss"] = loss.item()
             save(done)
         if stopping:
             received = f"{stop.signal} received" if stop.signal else "another rank was signalled"
             sys.exit(f"{received}: checkpoint saved at step {done} in {checkpoint_dir}; rerun to resume")
-        if done % tcfg["eval_every"] == 0 or done % tcfg["checkpoint_every"] == 0:
+        if done % tcfg.eval_every == 0 or done % tcfg.checkpoint_every == 0:
             last_time = time.perf_counter()  # throughput counts training steps, not evaluation or checkpoints
 
-    metrics["steps"] = tcfg["steps"]
-    if tcfg["zero_stage"] == 3:  # parameters are sharded: rebuild the full weights from the last checkpoint
+    metrics["steps"] = tcfg.steps
+    if tcfg.zero_stage == 3:  # parameters are sharded: rebuild the full weights from the last checkpoint
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         torch.distributed.barrier()
-        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=f"step{tcfg['steps']}")
+        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=f"step{tcfg.steps}")
     else:
         state = {k: v.detach().float().cpu() for k, v in engine.module.state_dict().items()}
     return state, metrics
