@@ -10,9 +10,10 @@ import creates its own session fixture and a second cluster start fails (there i
 /etc/slurm/slurm.conf per machine).  For the same reason this is not pytest-xdist safe.
 
 The fixture runs env/slurm/install.sh (skips the test if Slurm cannot be installed:
-not root, no apt-get, apt failure), env/slurm/start.sh into a fresh state dir under
-/tmp (short path: slurmd puts unix sockets there; world-readable so non-root job users
-work), yields a :class:`SlurmCluster` and runs env/slurm/stop.sh at the end.  The state
+not root, no apt-get, apt failure; under CI=true it fails the test instead, see
+:func:`unavailable`), env/slurm/start.sh into a fresh state dir under /tmp (short
+path: slurmd puts unix sockets there; world-readable so non-root job users work),
+yields a :class:`SlurmCluster` and runs env/slurm/stop.sh at the end.  The state
 dir (configs, daemon logs) is removed afterwards unless a test failed or
 LMFORGE_KEEP_SLURM_STATE=1.  Since the config lives at /etc/slurm/slurm.conf, plain
 ``sbatch``/``squeue``/``snakemake --profile profiles/slurm`` work in tests without any
@@ -28,6 +29,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -79,14 +81,26 @@ def _tail(proc: subprocess.CompletedProcess[str], n: int = 60) -> str:
     return "\n".join(text.splitlines()[-n:])
 
 
-def _install_or_skip() -> None:
+def must_run() -> bool:
+    """Whether the Slurm tests may not be skipped: on CI (CI=true, as CI services and .ci/run set it)."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1")
+
+
+def unavailable(reason: str) -> NoReturn:
+    """Skip a test that needs the cluster; on CI fail it, so a Slurm that cannot start cannot leave CI green."""
+    if must_run():
+        pytest.fail(f"{reason}\n(CI=true: the Slurm tests must run, not be skipped)", pytrace=False)
+    pytest.skip(reason)
+
+
+def _install() -> None:
     try:
         proc = _run(["bash", str(SLURM_ENV_DIR / "install.sh")], timeout=600)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        pytest.skip(f"Slurm test cluster unavailable: env/slurm/install.sh could not run: {exc}")
+        unavailable(f"Slurm test cluster unavailable: env/slurm/install.sh could not run: {exc}")
     if proc.returncode != 0:
         why = "not root" if os.geteuid() != 0 else "apt-get failed"
-        pytest.skip(
+        unavailable(
             f"Slurm test cluster unavailable: Slurm cannot be installed ({why}); "
             f"env/slurm/install.sh exited {proc.returncode}:\n{_tail(proc)}"
         )
@@ -95,10 +109,10 @@ def _install_or_skip() -> None:
 @pytest.fixture(scope="session")
 def slurm_cluster(request: pytest.FixtureRequest):
     if os.geteuid() != 0:
-        pytest.skip("Slurm test cluster unavailable: needs root (starts slurmctld/slurmd, writes /etc/slurm)")
+        unavailable("Slurm test cluster unavailable: needs root (starts slurmctld/slurmd, writes /etc/slurm)")
     if shutil.which("apt-get") is None and shutil.which("slurmctld") is None:
-        pytest.skip("Slurm test cluster unavailable: no apt-get to install Slurm and no slurmctld installed")
-    _install_or_skip()
+        unavailable("Slurm test cluster unavailable: no apt-get to install Slurm and no slurmctld installed")
+    _install()
 
     state_root = os.environ.get("LMFORGE_SLURM_STATE_ROOT", "/tmp")
     state_dir = Path(tempfile.mkdtemp(prefix="lmforge-slurm-", dir=state_root))

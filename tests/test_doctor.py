@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from lmforge import cli, doctor
+from tests.slurm_cluster import unavailable
 
 pytest_plugins = ["tests.slurm_cluster"]
 
@@ -138,6 +139,33 @@ def test_tcp_connect_open_and_closed_port():
     assert time.monotonic() - start < 1.5
 
 
+@pytest.mark.parametrize("error", [None, "timed out after 3.0 s"])
+def test_internet_check_reports_what_the_probe_saw(monkeypatch, error):
+    probed = []
+    monkeypatch.setattr(doctor, "tcp_connect", lambda host, port, timeout: probed.append((host, port)) or error)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")
+    status, seen, fix = doctor.check_internet(_context())
+    assert probed == [doctor.HUB]
+    assert "HF_HUB_OFFLINE=1" in seen and "HF_DATASETS_OFFLINE=<unset>" in seen  # the offline settings, either way
+    if error is None:
+        assert status == "OK" and "huggingface.co:443 reachable" in seen and fix is None
+    else:
+        assert status == "WARN" and f"unreachable from this node ({error})" in seen and "HTTPS_PROXY=" in seen
+        assert fix.startswith("export HF_DATASETS_OFFLINE=1 WANDB_MODE=offline and pre-download")  # only what is unset
+
+
+def test_slurm_tests_skip_without_a_cluster_but_fail_on_ci(monkeypatch):
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="no slurmctld"):
+        unavailable("no slurmctld")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="no slurmctld(.|\n)*CI=true: the Slurm tests must run"):
+        unavailable("no slurmctld")
+
+
 def test_config_error_exits_2(capsys):
     assert cli.main(["doctor", "resources.pretrain.partitio=gpu"]) == 2
     err = capsys.readouterr().err
@@ -182,7 +210,8 @@ def test_default_config_passes(slurm_cluster, tmp_path):
     assert statuses["job status (sacct)"] == "WARN" and "MinJobAge=600s" in out  # no slurmdbd
     assert "slurm-status-command: squeue" in out
     assert statuses["results dir"] == "OK" and (tmp_path / "results").is_dir()
-    assert statuses["internet"] == "WARN" and "HF_HUB_OFFLINE=" in out  # no internet here
+    hub_reachable = doctor.tcp_connect(*doctor.HUB, doctor.CONNECT_TIMEOUT) is None  # either kind of machine
+    assert statuses["internet"] == ("OK" if hub_reachable else "WARN") and "HF_HUB_OFFLINE=" in out
     assert statuses["mlflow store"] in ("OK", "WARN")
     for line in out.splitlines():  # every WARN/FAIL is followed by its fix
         if line.startswith(("[WARN]", "[FAIL]")):

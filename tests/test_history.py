@@ -4,10 +4,14 @@ import csv
 import io
 import json
 import os
+import re
+import struct
 import subprocess
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -219,6 +223,22 @@ def test_lmforge_runs_takes_the_sweep_overrides_the_pipeline_ran_with(sweep):
     assert unnamed.returncode == 1 and f"no experiment 'lmforge/{sweep_id}'" in unnamed.stderr
 
 
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+def plotted_lines(svg: Path) -> list[list[tuple[str, int]]]:
+    """Per panel, each data line's style and number of points (markers), from matplotlib's SVG.
+
+    A data line is a `line2d_N` group directly inside an `axes_N` group; the ticks, grid lines and legend
+    handles are line2d groups too, but nested deeper (an empty panel already has dozens of paths)."""
+    panels = []
+    for group in ElementTree.parse(svg).getroot().iter(f"{SVG}g"):
+        if group.get("id", "").startswith("axes_"):
+            lines = [line for line in group if line.get("id", "").startswith("line2d_")]
+            panels.append([(line.find(f"{SVG}path").get("style"), len(line.findall(f".//{SVG}use"))) for line in lines])
+    return panels
+
+
 def test_report_plots_the_configurations(sweep, tmp_path):
     out = tmp_path / "report"
     histories = sorted(str(p) for p in (sweep / "history").iterdir())
@@ -230,12 +250,50 @@ def test_report_plots_the_configurations(sweep, tmp_path):
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "3 configurations of lmforge/demo, swept: train.lr" in run.stdout
-    for plot in ("loss_curves.svg", "metrics_vs_params.svg"):
-        svg = (out / plot).read_text()
-        assert svg.lstrip().startswith("<?xml") and svg.count("<path") > 10
+
+    # Loss curves: per configuration a solid training and a dashed validation line of 3 steps, in its own colour,
+    # on the pretraining panel; the fine-tuning panel is empty (the sweep fixture records no fine-tuning).
+    curves = out / "loss_curves.svg"
+    pretraining, finetuning = plotted_lines(curves)
+    assert len(pretraining) == 2 * len(LEARNING_RATES) and finetuning == []
+    assert all(points == 3 for _, points in pretraining)
+    colours = [re.search(r"stroke: (#\w+)", style).group(1) for style, _ in pretraining]
+    assert len(set(colours)) == len(LEARNING_RATES) and colours[::2] == colours[1::2]
+    assert ["stroke-dasharray" in style for style, _ in pretraining] == [False, True] * len(LEARNING_RATES)
+    for run_key, lr in LEARNING_RATES.items():  # matplotlib writes each text as a comment beside its glyphs
+        assert f"<!-- {run_key} train.lr={lr} -->" in curves.read_text()
+
+    # Metrics against the swept learning rate: one line through the 3 configurations per metric the sweep has.
+    metrics = out / "metrics_vs_params.svg"
+    titles = ["pretrain_train_loss", "pretrain_validation_loss", "pretrain_test_bpb", "exact_match"]
+    assert [[points for _, points in panel] for panel in plotted_lines(metrics)] == [[3]] * len(titles)
+    assert all(f"<!-- {title} -->" in metrics.read_text() for title in titles)
+
     caption = (out / "configurations.rst").read_text()
     assert "cfg_a" in caption and "0.003" in caption and "tokenizer.vocab_size: 512" in caption
     assert (out / "runs.csv").read_text().splitlines()[0].startswith("run_key,train.lr,")
+
+
+def wandb_records(path: Path) -> list:
+    """The protobuf records of a `.wandb` file, what `wandb sync` uploads: after a 7-byte file header, LevelDB-log
+    blocks of 32 KiB holding chunks, each with a 7-byte header (CRC32, length, type: 1 full, 2 first, 3 middle, 4 last).
+    """
+    from wandb.proto.wandb_internal_pb2 import Record
+
+    data = path.read_bytes()
+    assert data[:7] == b":W&B\xe1\xbe\x00", "not a version-0 .wandb file"
+    records, record, position = [], b"", 7
+    while position + 7 <= len(data):
+        if 32768 - position % 32768 < 7:  # a block's tail too short for a chunk header is padding
+            position += 32768 - position % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position : position + 7])
+        record += data[position + 7 : position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):
+            records.append(Record.FromString(record))
+            record = b""
+    return records
 
 
 def test_wandb_logs_offline_where_wandb_sync_finds_it(tmp_path, monkeypatch):
@@ -245,4 +303,16 @@ def test_wandb_logs_offline_where_wandb_sync_finds_it(tmp_path, monkeypatch):
         tmp_path, "pretrain", "pre_w", run_cfg, {"train": {"lr": 0.1}}, curves={"train_loss": [2, 1]}
     )
     [offline] = (stage_dir / tracking.RECORD_DIR / "wandb").glob("offline-run-*")
-    assert list(offline.glob("*.wandb"))  # what `wandb sync` (the wandb_sync rule) uploads
+    [synced] = offline.glob("*.wandb")  # what `wandb sync` (the wandb_sync rule) uploads
+    records = defaultdict(list)
+    for record in wandb_records(synced):
+        records[record.WhichOneof("record_type")].append(record)
+    [run] = [record.run for record in records["run"]]
+    assert (run.project, run.run_group, run.display_name, list(run.tags)) == ("lmforge", "cfg_w", "pretrain", ["demo"])
+    assert {item.key: json.loads(item.value_json) for item in run.config.update}["train.lr"] == 0.1
+    logged = {}  # step -> the train_loss logged at it
+    for record in records["history"]:
+        items = {".".join(item.nested_key) or item.key: json.loads(item.value_json) for item in record.history.item}
+        logged[record.history.step.num] = items["train_loss"]
+    assert logged == {1: 2, 2: 1}
+    assert [record.exit.exit_code for record in records["exit"]] == [0]
