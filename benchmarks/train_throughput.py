@@ -12,8 +12,7 @@ outside the input embedding), over the GPU's dense bf16 peak (train_loop.PEAK_BF
 for H100 SXM and H200). Scaling efficiency on 2 GPUs = tokens/s on 2 / (2 × tokens/s on 1), same
 micro-batch per GPU.
 
-Measured (every command and its output verbatim: benchmarks/results/gpu-h200.txt; discussion: the README,
-"Training on GPUs"). llama_125m, seq 1024, bf16, SDPA, torch.compile, fused AdamW:
+Measured (every command and its output verbatim: benchmarks/results/gpu-h200.txt; discussion: benchmarks/README.md). llama_125m, seq 1024, bf16, SDPA, torch.compile, fused AdamW:
 
     nvidia-h200, 1 process:
       python3 benchmarks/train_throughput.py --steps 30                # train=gpu: ZeRO-1, micro 32, accum 8
