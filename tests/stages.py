@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import random
 import subprocess
 import sys
 import sysconfig
@@ -70,9 +71,39 @@ def small_corpus(directory: Path) -> Path:
     return directory
 
 
+def small_corpus_data(directory: Path) -> list[str]:
+    """The data overrides of the small corpus written under `directory`: its source, name and licence."""
+    # Python-2.0 (SPDX: the Python licence stack), not the stdlib config's PSF-2.0, which another source may not keep.
+    return [f"data.source={small_corpus(directory)}", "data.name=stdlib-slice", "data.license=Python-2.0"]
+
+
+# English prose without a line of Python: a corpus the built-in fine-tuning task finds nothing in.
+PROSE_WORDS = (
+    "the river morning garden window letter winter harbour quiet evening travellers found a small house near old "
+    "bridge where children played and someone wrote long stories about distant mountains silver rain bright market "
+    "people walked slowly through narrow streets while bells rang across fields of wheat under pale clouds"
+).split()
+
+
+def prose_corpus(directory: Path, files: int = 40, paragraphs: int = 12) -> Path:
+    """Deterministic paragraphs of English words, in .txt files (about 200 KB by default)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    for number in range(files):
+        text = "\n\n".join(
+            " ".join(
+                " ".join(rng.choice(PROSE_WORDS) for _ in range(rng.randint(6, 16))).capitalize() + "."
+                for _ in range(rng.randint(4, 8))
+            )
+            for _ in range(paragraphs)
+        )
+        (directory / f"chapter_{number:02d}.txt").write_text(text + "\n")
+    return directory
+
+
 def curated_and_tokenized(root: Path) -> list[str]:
     """Run curate and tokenizer on the small corpus under `root`; the overrides that plan on top of them."""
-    base = [f"data.source={small_corpus(root / 'corpus')}", *TINY]
+    base = [*small_corpus_data(root / "corpus"), *TINY]
     stages = plan(root / "results", base)
     run_stage(stages["curate"])
     run_stage(stages["tokenizer"])

@@ -20,7 +20,7 @@ import pytest
 
 from lmforge import config, plan
 from lmforge.workflow import snakemake_command
-from tests.stages import TINY, small_corpus
+from tests.stages import TINY, small_corpus_data
 
 pytestmark = pytest.mark.slurm
 
@@ -36,7 +36,7 @@ def dirs(tmp_path_factory):
     """One corpus; a working directory for the Slurm runs and one for the local runs, shared by the tests
     so that curate and tokenizer (same keys in every test) run once per directory."""
     root = tmp_path_factory.mktemp("slurm_pipeline")
-    return {"corpus": small_corpus(root / "corpus"), "slurm": root / "slurm", "local": root / "local", "root": root}
+    return {"corpus": small_corpus_data(root / "corpus"), "slurm": root / "slurm", "local": root / "local", "root": root}
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def squeue_log(dirs):
 
 
 def overrides(dirs, where: str, *extra: str) -> list[str]:
-    return [*TINY, f"data.source={dirs['corpus']}", f"run.results_dir={dirs[where]}/results", *extra]
+    return [*TINY, *dirs["corpus"], f"run.results_dir={dirs[where]}/results", *extra]
 
 
 def snakemake_cmd(workdir: Path, ovr: list[str], *targets: str, slurm: bool, args=()) -> list[str]:

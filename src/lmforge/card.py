@@ -1,8 +1,8 @@
 """Stage 8, card: the exported model with a Hugging Face model card, and the datasheet.
 
 Outputs:
-  model/          the fine-tuned model and tokenizer (hard links when possible) with README.md, the model card:
-                  YAML metadata and a model-index of the evaluation results
+  model/          the fine-tuned model (with `finetune=none`, the pretrained one) and tokenizer (hard links when
+                  possible) with README.md, the model card: YAML metadata and a model-index of the evaluation results
   datasheet.md    data source and licence, curation counts, splits, tokenizer, training config,
                   evaluation table with sampling settings and seeds, limitations
 """
@@ -16,18 +16,22 @@ from pathlib import Path
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData, try_to_load_from_cache
 
-from lmforge import evaluate, finetune, plan, quantize, stage
+from lmforge import evaluate, finetune, plan, pretrain, quantize, stage
 from lmforge.schema import DataConfig, FinetuneConfig, StageConfig, stage_config
 
-ROWS = [  # (label, model key, metric key)
+ROWS = [  # (label, model key, prompting whose exact match the table shows)
     ("n-gram baseline", "baseline", None),
     ("pretrained", "pretrain", "few_shot"),
     ("fine-tuned", "finetune", "chat"),
     ("fine-tuned, int8", "quantize", "chat"),
 ]
+NOT_FINETUNED_ROWS = [*ROWS[:2], ("pretrained, int8", "quantize", "few_shot")]
 
 
 def with_error(metrics: dict, key: str) -> str:
+    """A rate with its standard error; n/a for a rate over no examples (None)."""
+    if metrics[key] is None:
+        return "n/a"
     return f"{metrics[key]:.3f} ± {metrics[key + '_stderr']:.3f}"
 
 
@@ -36,10 +40,11 @@ def evaluation_table(results: dict) -> str:
         "| model | test bits/byte | test perplexity | exact match, greedy | exact match, sampled |",
         "|---|---|---|---|---|",
     ]
-    for label, key, prompting in ROWS:
+    for label, key, prompting in ROWS if "finetune" in results["models"] else NOT_FINETUNED_ROWS:
         m = results["models"][key]
         if prompting is None:
-            greedy, sampled = f"{with_error(m, 'task_exact_match')} (first-word heuristic)", "n/a"
+            heuristic = with_error(m, "task_exact_match")
+            greedy, sampled = (heuristic if heuristic == "n/a" else f"{heuristic} (first-word heuristic)"), "n/a"
         else:
             greedy = with_error(m, f"task_exact_match_{prompting}_greedy")
             sampled = with_error(m, f"task_exact_match_{prompting}_sampled")
@@ -77,6 +82,8 @@ def compute_table(manifests: dict) -> str:
         "|---|---|---|---|---|---|",
     ]
     for name in ("pretrain", "finetune"):
+        if name not in manifests:  # finetune=none
+            continue
         manifest = manifests[name]
         processes = plan.Stage(name, manifest["key"], manifest["config"]).processes
         metrics, seconds = manifest["metrics"], manifest["duration_s"]  # every attempt's time (lmforge.stage)
@@ -105,34 +112,39 @@ def link_tree(source: Path, target: Path) -> None:
             shutil.copy2(path, target / path.name)
 
 
+def model_index(data_cfg: DataConfig, shipped: dict, prompting: str) -> list[EvalResult]:
+    """The Hub's evaluation results of the shipped model: bits per byte, and the task's exact match where it has
+    test pairs."""
+
+    def result(metric_type: str, metric_name: str, value: float) -> EvalResult:
+        return EvalResult(
+            task_type="text-generation",
+            dataset_type=data_cfg.name,
+            dataset_name=f"{data_cfg.name} test split",
+            metric_type=metric_type,
+            metric_name=metric_name,
+            metric_value=value,
+        )
+
+    exact_match = [
+        result("exact_match", f"docstring->name exact match ({decoding})", value)
+        for decoding in ("greedy", "sampled")
+        if (value := shipped[f"task_exact_match_{prompting}_{decoding}"]) is not None
+    ]
+    return [*exact_match, result("bits_per_byte", "test bits per byte", shipped["test_bits_per_byte"])]
+
+
 def main(cfg: StageConfig, out: Path, tracker) -> dict:
     inputs, card_cfg = cfg.inputs, cfg.card
     manifests = {name: stage.manifest(path) for name, path in inputs.items()}
     results = evaluate.results(inputs["evaluate"])
     data_cfg = stage_config(manifests["curate"]["config"]).data
     sampling = results["sampling"]
-    ft = results["models"]["finetune"]
+    finetuned = "finetune" in inputs  # not with finetune=none: the pretrained model is shipped
+    shipped_stage, prompting = ("finetune", "chat") if finetuned else ("pretrain", "few_shot")
+    shipped = results["models"][shipped_stage]
+    shipped_dir = finetune.model_dir(inputs["finetune"]) if finetuned else pretrain.model_dir(inputs["pretrain"])
 
-    eval_results = [
-        EvalResult(
-            task_type="text-generation",
-            dataset_type=data_cfg.name,
-            dataset_name=f"{data_cfg.name} test split",
-            metric_type="exact_match",
-            metric_name=f"docstring->name exact match ({decoding})",
-            metric_value=ft[f"task_exact_match_chat_{decoding}"],
-        )
-        for decoding in ("greedy", "sampled")
-    ] + [
-        EvalResult(
-            task_type="text-generation",
-            dataset_type=data_cfg.name,
-            dataset_name=f"{data_cfg.name} test split",
-            metric_type="bits_per_byte",
-            metric_name="test bits per byte",
-            metric_value=ft["test_bits_per_byte"],
-        )
-    ]
     card_data = ModelCardData(
         model_name=card_cfg.model_name,
         license=card_cfg.license,
@@ -140,22 +152,37 @@ def main(cfg: StageConfig, out: Path, tracker) -> dict:
         library_name="transformers",
         pipeline_tag="text-generation",
         tags=["lmforge", "deepspeed"],
-        eval_results=eval_results,
+        eval_results=model_index(data_cfg, shipped, prompting),
     )
-    pretrain_raw, finetune_raw = manifests["pretrain"]["config"], manifests["finetune"]["config"]
-    finetune_cfg = stage_config(finetune_raw).finetune
+    pretrain_raw = manifests["pretrain"]["config"]
+    training_configs = {"model": pretrain_raw["model"], "pretrain": pretrain_raw["train"]}
+    if finetuned:
+        finetune_raw = manifests["finetune"]["config"]
+        finetune_cfg = stage_config(finetune_raw).finetune
+        training_configs["finetune"] = finetune_raw["finetune"]
+    else:
+        finetune_cfg = FinetuneConfig(method="none")
     external_base = finetune_cfg.base != "pretrain"
     if external_base:
         card_data.base_model = finetune_cfg.base  # the Hub links the card to the model it was tuned from
-    origin = (
-        f"Fine-tuned ({finetune_cfg.method}) from `{finetune_cfg.base}`"
-        if external_base
-        else f"A Llama-style causal LM pretrained from scratch and fine-tuned ({finetune_cfg.method})"
-    )
-    training = yaml.safe_dump(
-        {"model": pretrain_raw["model"], "pretrain": pretrain_raw["train"], "finetune": finetune_raw["finetune"]},
-        sort_keys=False,
-    )
+    if not finetuned:
+        origin = (
+            f"A Llama-style causal LM pretrained from scratch on {data_cfg.name} by lmforge; not fine-tuned "
+            "(`finetune=none`)."
+        )
+    elif external_base:
+        origin = f"Fine-tuned ({finetune_cfg.method}) from `{finetune_cfg.base}` by lmforge"
+    else:
+        origin = f"A Llama-style causal LM pretrained from scratch and fine-tuned ({finetune_cfg.method}) by lmforge"
+    if finetuned:
+        origin += " to predict a Python function's name from its docstring."
+        usage = (
+            'prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Return the sum of two numbers."}], '
+            'add_generation_prompt=True, return_tensors="pt")'
+        )
+    else:
+        usage = 'prompt = tokenizer("The", return_tensors="pt").input_ids'
+    training = yaml.safe_dump(training_configs, sort_keys=False)
     evaluation = evaluation_table(results)
     settings = (
         f"Seed {results['seed']}. Greedy decoding and sampling with temperature {sampling['temperature']}, top-k "
@@ -163,24 +190,26 @@ def main(cfg: StageConfig, out: Path, tracker) -> dict:
         f"{results['task_examples']} test pairs, {results['test_documents']} test documents ({results['test_bytes']} bytes). "
         f"The pretrained model is prompted with {results['few_shot']} examples."
     )
-    limitations = (
-        "A tiny research model trained in minutes on CPU: it names functions from docstrings in the style of the Python "
-        "standard library and does nothing else well. Do not use it for anything but testing the pipeline."
-        if data_cfg.source == "stdlib"
-        else "Evaluated only on the held-out split of its own corpus."
-    )
+    if data_cfg.source == "stdlib" and finetuned:
+        limitations = (
+            "A tiny research model trained in minutes on CPU: it names functions from docstrings in the style of the "
+            "Python standard library and does nothing else well. Do not use it for anything but testing the pipeline."
+        )
+    else:
+        limitations = "Evaluated only on the held-out split of its own corpus."
+    shipped_code = manifests[shipped_stage]["code"]
     card = ModelCard.from_template(
         card_data,
         template_str="---\n{{ card_data }}\n---\n\n# {{ model_name }}\n\n{{ body }}\n",
         model_name=card_cfg.model_name,
-        body=f"""{origin} by lmforge to predict a Python function's name from its docstring.
+        body=f"""{origin}
 
 ## Use
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 tokenizer = AutoTokenizer.from_pretrained("path/to/this/directory")
 model = AutoModelForCausalLM.from_pretrained("path/to/this/directory")
-prompt = tokenizer.apply_chat_template([{{"role": "user", "content": "Return the sum of two numbers."}}], add_generation_prompt=True, return_tensors="pt")
+{usage}
 print(tokenizer.decode(model.generate(prompt, max_new_tokens=8)[0]))
 ```
 
@@ -210,11 +239,11 @@ device-hours times the devices' power draw give an estimate.
 {limitations}
 
 ## Provenance
-Configuration key `{cfg.run.run_key}`; lmforge {manifests["finetune"]["code"]["lmforge"]}, git commit
-`{manifests["finetune"]["code"]["git_commit"]}`. An int8 weight-only variant is in `{quantize.model_dir(inputs["quantize"])}`.
+Configuration key `{cfg.run.run_key}`; lmforge {shipped_code["lmforge"]}, git commit
+`{shipped_code["git_commit"]}`. An int8 weight-only variant is in `{quantize.model_dir(inputs["quantize"])}`.
 """,
     )
-    link_tree(Path(finetune.model_dir(inputs["finetune"])), out / "model")
+    link_tree(Path(shipped_dir), out / "model")
     card.save(out / "model" / "README.md")
 
     curate_sheet = Path(inputs["curate"], "datasheet.md").read_text()
@@ -239,7 +268,8 @@ Byte-level BPE, vocabulary {tokenizer_metrics["vocab_size"]}, trained on the tra
 """
     )
     tracker.log_artifacts([out / "model" / "README.md", out / "datasheet.md"])
-    return {"finetune_exact_match_greedy": ft["task_exact_match_chat_greedy"]}
+    greedy = shipped[f"task_exact_match_{prompting}_greedy"]
+    return {"finetune_exact_match_greedy": greedy} if finetuned else {}
 
 
 if __name__ == "__main__":

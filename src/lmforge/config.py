@@ -29,6 +29,8 @@ from lmforge.plan import STAGES, resources
 from lmforge.schema import Config, StageResources
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+# The default corpus's name and licence (conf/data/stdlib.yaml), which another data.source must not keep.
+STDLIB_DATA = {"name": "python-stdlib", "license": "PSF-2.0"}
 
 
 class ConfigError(ValueError):
@@ -174,6 +176,15 @@ def check_consistency(cfg: DictConfig) -> None:
             f"'data.validation_fraction' + 'data.test_fraction' = {data.validation_fraction + data.test_fraction:g} "
             "leaves no training data: their sum must be < 1."
         )
+    if data.source != "stdlib":
+        # Else the datasheet and card would credit another corpus to the standard library, under its licence.
+        kept = [key for key, value in STDLIB_DATA.items() if data[key] == value]
+        if kept:
+            stdlib_values = " and ".join(f"'data.{key}={STDLIB_DATA[key]}'" for key in kept)
+            raise ConfigError(
+                f"'data.source={data.source}' is not the standard library, but {stdlib_values} is still the standard "
+                f"library's: set {' '.join(f'data.{key}=...' for key in kept)} to this corpus's."
+            )
     if data.min_chars > data.max_chars:
         raise ConfigError(f"'data.min_chars={data.min_chars}' is above 'data.max_chars={data.max_chars}'.")
     for key, allowed in (("eval.prompt_template", {"docstring"}), ("eval.shot_template", {"docstring", "name"})):

@@ -28,7 +28,7 @@ import datasets
 import pyarrow.parquet as pq
 
 from lmforge import stage
-from lmforge.schema import DataConfig, StageConfig, TaskConfig
+from lmforge.schema import DataConfig, FinetuneConfig, StageConfig, TaskConfig
 
 SPLITS = ("train", "validation", "test")
 STDLIB_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
@@ -267,6 +267,24 @@ def drop_leaked(pairs: list[dict], train_text: str, stats: Counter) -> list[dict
     return kept
 
 
+def check_task(pairs: list[dict], finetune_cfg: FinetuneConfig, source: str) -> None:
+    """Fine-tuning on no pairs would fail only after pretraining: stop here. No test pairs is only said."""
+    counts = Counter(pair["split"] for pair in pairs)
+    if finetune_cfg.method != "none" and not counts["train"]:
+        raise stage.StageError(
+            f"data.source={source!r} has no Python docstring pairs for the built-in fine-tuning task "
+            f"(docstring -> function name; {counts['validation']} validation, {counts['test']} test pairs): "
+            "set finetune=none to pretrain, quantize and evaluate without fine-tuning (a corpus's own fine-tuning "
+            "task is not supported yet)"
+        )
+    if pairs and not counts["test"]:
+        print(
+            f"warning: no test pairs among the {len(pairs)} task pairs: the task's exact match is n/a, "
+            "only bits per byte are evaluated",
+            file=sys.stderr,
+        )
+
+
 # -- the stage ------------------------------------------------------------
 
 DOC_FEATURES = datasets.Features(
@@ -289,6 +307,15 @@ def load_split(curated: str, kind: str, split: str) -> datasets.Dataset:
 def columns(rows: list[dict], features: datasets.Features) -> datasets.Dataset:
     """A dataset with a fixed schema, also when a split is empty."""
     return datasets.Dataset.from_dict({k: [r[k] for r in rows] for k in features}, features=features)
+
+
+def task_description(task_cfg: TaskConfig, stats: dict) -> str:
+    if not sum(stats["task"].values()):
+        return "None: curation found no task pairs in this corpus (`finetune=none`: the model is not fine-tuned)."
+    return f"""Docstring -> function name for public functions and methods whose docstring has at least
+{task_cfg.min_docstring_words} words and does not contain the name; names and docstrings that occur more than
+once are dropped everywhere. Pairs come from their document's split, and held-out pairs whose docstring or
+definition appears in any training document are dropped (leakage check)."""
 
 
 def datasheet(data_cfg: DataConfig, stats: dict) -> str:
@@ -324,10 +351,7 @@ the document id ({data_cfg.validation_fraction:.0%} validation, {data_cfg.test_f
 {splits}
 
 ## Fine-tuning task
-Docstring -> function name for public functions and methods whose docstring has at least
-{data_cfg.task.min_docstring_words} words and does not contain the name; names and docstrings that occur more than
-once are dropped everywhere. Pairs come from their document's split, and held-out pairs whose docstring or
-definition appears in any training document are dropped (leakage check).
+{task_description(data_cfg.task, stats)}
 """
 
 
@@ -347,6 +371,7 @@ def main(cfg: StageConfig, out: Path, tracker) -> dict:
 
     train_text = "\n".join(d["text"] for d in docs if d["split"] == "train")
     pairs = drop_leaked(build_task(docs, data_cfg.task, stats), train_text, stats)
+    check_task(pairs, cfg.finetune, data_cfg.source)
 
     summary = {k: int(v) for k, v in stats.items()}
     summary["documents"] = len(docs)

@@ -1,11 +1,13 @@
 """Stage 7, evaluation: every model on the same held-out data.
 
 For the pretrained, fine-tuned and quantized models (the baseline's figures come from its own stage), and
-for the fine-tuning's base model when that is not the pipeline's own pretrained model:
+for the fine-tuning's base model when that is not the pipeline's own pretrained model (with `finetune=none`:
+the pretrained model and its quantized copy):
   - test perplexity and bits per byte on the test documents (chunks of the model's context length);
   - task exact match (with its standard error), docstring -> function name, with greedy decoding and with seeded sampling
     (temperature, top-k, top-p from config). Models before fine-tuning are prompted zero-shot and few-shot
-    with code-style prompts; the fine-tuned models with their chat template.
+    with code-style prompts; the fine-tuned models with their chat template. Without test pairs the task's
+    metrics are None (null in results.json, not logged).
 
 Outputs: results.json (metrics per model, sampling settings, seed), predictions.jsonl.
 """
@@ -58,7 +60,9 @@ def test_nats(model, docs: list[list[int]], context: int, batch_size: int = 16) 
 
 
 @torch.no_grad()
-def generate_names(model, tokenizer, prompts: list[list[int]], eval_cfg: EvalConfig, sample: bool, seed: int) -> list[str]:
+def generate_names(
+    model, tokenizer, prompts: list[list[int]], eval_cfg: EvalConfig, sample: bool, seed: int
+) -> list[str]:
     stop = end_of_turn_ids(tokenizer) if tokenizer.chat_template else [tokenizer.eos_token_id]
     settings = dict(
         max_new_tokens=eval_cfg.max_new_tokens,
@@ -84,13 +88,30 @@ def generate_names(model, tokenizer, prompts: list[list[int]], eval_cfg: EvalCon
 def code_prompts(tokenizer, pairs: list[dict], shots: list[dict], eval_cfg: EvalConfig) -> list[list[int]]:
     prefix = "".join(eval_cfg.shot_template.format(**shot) for shot in shots)
     texts = [prefix + eval_cfg.prompt_template.format(docstring=p["docstring"]) for p in pairs]
-    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []  # a tokenizer fails on []
+
+
+def task_metrics(model, tokenizer, prompt_sets: dict, pairs: list[dict], eval_cfg: EvalConfig, seed: int):
+    """Exact match per prompting and decoding, and the predictions; None for each without test pairs."""
+    metrics, predictions = {}, []
+    for prompting, prompts in prompt_sets.items():
+        for decoding in ("greedy", "sampled"):
+            names = generate_names(model, tokenizer, prompts, eval_cfg, decoding == "sampled", seed) if pairs else []
+            rate = heldout.exact_match(names, pairs)
+            metrics[f"task_exact_match_{prompting}_{decoding}"] = rate
+            metrics[f"task_exact_match_{prompting}_{decoding}_stderr"] = heldout.standard_error(rate, len(pairs))
+            predictions += [
+                {"prompting": prompting, "decoding": decoding, "name": p["name"], "predicted": n}
+                for n, p in zip(names, pairs)
+            ]
+    return metrics, predictions
 
 
 def main(cfg: StageConfig, out: Path, tracker) -> dict:
     eval_cfg, inputs, seed = cfg.eval, cfg.inputs, cfg.seed
     pairs = heldout.task_pairs(inputs["curate"], "test", eval_cfg.max_task_examples)
-    shots = random.Random(seed).sample(heldout.task_pairs(inputs["curate"], "train"), eval_cfg.few_shot)
+    train_pairs = heldout.task_pairs(inputs["curate"], "train")
+    shots = random.Random(seed).sample(train_pairs, min(eval_cfg.few_shot, len(train_pairs)))
     texts = heldout.test_documents(inputs["curate"], eval_cfg.max_test_documents)
     n_bytes = sum(len(t.encode()) for t in texts)
 
@@ -100,38 +121,30 @@ def main(cfg: StageConfig, out: Path, tracker) -> dict:
         baseline["task_exact_match"], baseline["task_examples"]
     )
     predictions = []
-    model_dirs = {
-        "pretrain": pretrain.model_dir(inputs["pretrain"]),
-        "finetune": finetune.model_dir(inputs["finetune"]),
-        "quantize": quantize.model_dir(inputs["quantize"]),
-    }
-    base = stage.manifest(inputs["finetune"])["config"]["finetune"]["base"]
-    if base != "pretrain":
-        model_dirs = {"base": base, **model_dirs}
+    model_dirs = {"pretrain": pretrain.model_dir(inputs["pretrain"])}
+    if "finetune" in inputs:  # not with finetune=none
+        model_dirs["finetune"] = finetune.model_dir(inputs["finetune"])
+        base = stage.manifest(inputs["finetune"])["config"]["finetune"]["base"]
+        if base != "pretrain":
+            model_dirs = {"base": base, **model_dirs}
+    model_dirs["quantize"] = quantize.model_dir(inputs["quantize"])
     for name, model_dir in model_dirs.items():
         model, tokenizer = load(model_dir)
         docs = heldout.document_token_ids(tokenizer, texts)
         nats = test_nats(model, docs, model.config.max_position_embeddings)
         metrics = heldout.language_model_metrics(nats, sum(len(d) - 1 for d in docs), n_bytes)
-        if name in ("pretrain", "base"):
+        if name == "finetune" or (name == "quantize" and "finetune" in inputs):
+            prompt_sets = {"chat": [chat_prompt(tokenizer, p["docstring"]) for p in pairs]}
+        else:  # a model before fine-tuning
             prompt_sets = {
                 "zero_shot": code_prompts(tokenizer, pairs, [], eval_cfg),
                 "few_shot": code_prompts(tokenizer, pairs, shots, eval_cfg),
             }
-        else:
-            prompt_sets = {"chat": [chat_prompt(tokenizer, p["docstring"]) for p in pairs]}
-        for prompting, prompts in prompt_sets.items():
-            for decoding in ("greedy", "sampled"):
-                names = generate_names(model, tokenizer, prompts, eval_cfg, decoding == "sampled", seed)
-                rate = heldout.exact_match(names, pairs)
-                metrics[f"task_exact_match_{prompting}_{decoding}"] = rate
-                metrics[f"task_exact_match_{prompting}_{decoding}_stderr"] = heldout.standard_error(rate, len(pairs))
-                predictions += [
-                    {"model": name, "prompting": prompting, "decoding": decoding, "name": p["name"], "predicted": n}
-                    for n, p in zip(names, pairs)
-                ]
+        task, model_predictions = task_metrics(model, tokenizer, prompt_sets, pairs, eval_cfg, seed)
+        metrics.update(task)
+        predictions += [{"model": name, **p} for p in model_predictions]
         results[name] = metrics
-        print(f"{name}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
+        print(f"{name}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if v is not None), flush=True)
 
     report = {
         "models": results,

@@ -39,11 +39,16 @@ def identifier(text: str) -> str:
     return match.group(1) if match else ""
 
 
-def exact_match(names: list[str], pairs: list[dict]) -> float:
-    return sum(name == pair["name"] for name, pair in zip(names, pairs)) / max(len(pairs), 1)
+def exact_match(names: list[str], pairs: list[dict]) -> float | None:
+    """The fraction of pairs named right; None over no pairs (a rate of nothing is not 0: JSON null, not logged)."""
+    if not pairs:
+        return None
+    return sum(name == pair["name"] for name, pair in zip(names, pairs)) / len(pairs)
 
 
-def standard_error(rate: float, n: int) -> float:
+def standard_error(rate: float | None, n: int) -> float | None:
     """Of an exact-match rate over n examples: the hits' sample standard deviation over √n, as
     lm-evaluation-harness reports it. With 131 test pairs one hit is 0.76%, so compare within the errors."""
+    if rate is None:
+        return None
     return math.sqrt(rate * (1 - rate) / (n - 1)) if n > 1 else math.nan

@@ -4,6 +4,10 @@ Each stage's key is a hash of the config sections it reads plus its upstream sta
 known before anything runs), so changing `train.lr` gives pretraining a new directory while curation and the
 tokenizer keep theirs, and configurations of a sweep that agree on a stage share its job.
 
+A stage the configuration does not run (finetune with `finetune=none`) is left out of the plan; its consumers
+plan without it, or with the stage their spec names in its place, so the default configuration's keys are the
+same as they were before stages could be left out.
+
 Adding a stage: a registry entry here, a module `lmforge.<name>` with `main(cfg, out, tracker)`, and its
 config group; the Snakemake rule is made from the registry.
 """
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,20 +31,33 @@ class StageSpec:
 
     sections: tuple[str, ...] = ()  # config sections the stage reads: hashed into its key, handed to it
     inputs: tuple[str, ...] = ()  # stages whose outputs it reads
+    # Config sections handed to it but not in its key: they change what it refuses to run on, not what it writes.
+    checks: tuple[str, ...] = ()
     train: str | None = None  # its training section, for training stages: processes, GPUs, ZeRO
     per_sweep: bool = False  # one job for a whole sweep (lmforge.sweep plans it), not one per configuration
+    # Whether a configuration runs the stage; one it does not run has no job, and its consumers go without it.
+    runs: Callable[[DictConfig], bool] = lambda cfg: True
+    # An input the configuration does not run -> the stage read in its place (quantize: the pretrained model).
+    instead: dict[str, str] = field(default_factory=dict)
+
+
+def finetunes(cfg: DictConfig) -> bool:
+    return cfg.finetune.method != "none"
 
 
 # The registry: the Snakemake rules, the stage keys, and the checks above are made from it.
 STAGES: dict[str, StageSpec] = {
-    "curate": StageSpec(sections=("data",)),
+    "curate": StageSpec(sections=("data",), checks=("finetune",)),  # the built-in task needs pairs
     "tokenizer": StageSpec(sections=("tokenizer", "seed"), inputs=("curate",)),
     "baseline": StageSpec(sections=("baseline",), inputs=("curate", "tokenizer")),
     "pretrain": StageSpec(sections=("model", "train", "seed"), inputs=("tokenizer",), train="train"),
     "finetune": StageSpec(
-        sections=("finetune", "seed"), inputs=("curate", "tokenizer", "pretrain"), train="finetune.train"
+        sections=("finetune", "seed"),
+        inputs=("curate", "tokenizer", "pretrain"),
+        train="finetune.train",
+        runs=finetunes,
     ),
-    "quantize": StageSpec(sections=("quantize",), inputs=("finetune",)),
+    "quantize": StageSpec(sections=("quantize",), inputs=("finetune",), instead={"finetune": "pretrain"}),
     "evaluate": StageSpec(
         sections=("eval", "seed"), inputs=("curate", "tokenizer", "baseline", "pretrain", "finetune", "quantize")
     ),
@@ -78,17 +96,19 @@ class Stage:
 
 
 def stages(cfg: DictConfig) -> dict[str, Stage]:
-    """The stages of one configuration, each keyed by its config and its inputs' keys."""
+    """The stages one configuration runs, each keyed by its config and its inputs' keys."""
     full = OmegaConf.to_container(cfg, resolve=True)
     run = dict(full["run"])
     stages: dict[str, Stage] = {}
     for name, spec in STAGES.items():
-        if spec.per_sweep:
+        if spec.per_sweep or not spec.runs(cfg):
             continue
         own = {section: full[section] for section in spec.sections}
-        upstream = {dep: stages[dep].key for dep in spec.inputs}
-        key = digest({"stage": name, "config": own, "inputs": upstream})
-        stage_cfg = {"stage": name, "key": key, **own, "inputs": {dep: stages[dep].dir for dep in spec.inputs}}
+        wanted = [dep if dep in stages else spec.instead.get(dep) for dep in spec.inputs]
+        present = [dep for dep in wanted if dep in stages]
+        key = digest({"stage": name, "config": own, "inputs": {dep: stages[dep].key for dep in present}})
+        checked = {section: full[section] for section in spec.checks}
+        stage_cfg = {"stage": name, "key": key, **own, **checked, "inputs": {dep: stages[dep].dir for dep in present}}
         stage_cfg["run"] = {**run, "run_key": None, "checkpoint_dir": f"{run['results_dir']}/checkpoints/{name}/{key}"}
         stages[name] = Stage(name, key, stage_cfg, resources(cfg, name))
     run_key = stages["card"].key  # the card depends on everything: one key per configuration

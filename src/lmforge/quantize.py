@@ -1,4 +1,5 @@
-"""Stage 6, quantization: post-training int8 weight-only quantization of the fine-tuned model with torchao.
+"""Stage 6, quantization: post-training int8 weight-only quantization of the fine-tuned model with torchao
+(of the pretrained model with `finetune=none`).
 
 Runs on CPU and GPU; the quantized model saves and reloads through save_pretrained (the quantization
 config travels in config.json, so `AutoModelForCausalLM.from_pretrained` restores it with torchao installed).
@@ -14,7 +15,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TorchAoConfig
 
-from lmforge import finetune, stage
+from lmforge import finetune, pretrain, stage
 from lmforge.schema import StageConfig
 
 
@@ -28,7 +29,10 @@ def weights_bytes(model_dir: Path) -> int:
 
 
 def main(cfg: StageConfig, out: Path, tracker) -> dict:
-    source = Path(finetune.model_dir(cfg.inputs["finetune"]))
+    inputs = cfg.inputs
+    source = Path(
+        finetune.model_dir(inputs["finetune"]) if "finetune" in inputs else pretrain.model_dir(inputs["pretrain"])
+    )
     method = cfg.quantize.method
     if method == "none":
         shutil.copytree(source, model_dir(out))

@@ -146,7 +146,7 @@ class LoraConfig:
 
 @dataclass
 class FinetuneConfig:
-    method: str = setting("full", one_of("full", "lora", "qlora"))
+    method: str = setting("full", one_of("full", "lora", "qlora", "none"))  # none: no fine-tuning stage
     base: str = "pretrain"  # `pretrain` (this pipeline's model) or a Hugging Face model name or local path
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
