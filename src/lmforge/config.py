@@ -182,8 +182,8 @@ def check_consistency(cfg: DictConfig) -> None:
         if kept:
             stdlib_values = " and ".join(f"'data.{key}={STDLIB_DATA[key]}'" for key in kept)
             raise ConfigError(
-                f"'data.source={data.source}' is not the standard library, but {stdlib_values} is still the standard "
-                f"library's: set {' '.join(f'data.{key}=...' for key in kept)} to this corpus's."
+                f"'data.source={data.source}' is not the standard library, but {stdlib_values} {'are' if len(kept) > 1 else 'is'} "
+                f"still the standard library's: set {' '.join(f'data.{key}=...' for key in kept)} to this corpus's."
             )
     if data.min_chars > data.max_chars:
         raise ConfigError(f"'data.min_chars={data.min_chars}' is above 'data.max_chars={data.max_chars}'.")
