@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from lmforge.schema import TrainConfig
+from lmforge.stage import StageError
 
 
 def setup_distributed() -> tuple[int, int]:
@@ -240,7 +241,7 @@ def resumable_checkpoint(checkpoint_dir: Path, report: bool) -> str | None:
         if report:
             print(f"skipping checkpoint {problems[-1]}", file=sys.stderr)
     if any(checkpoint_problem(directory) != INCOMPLETE for directory in checkpoints):
-        raise SystemExit(
+        raise StageError(
             f"no checkpoint in {checkpoint_dir} can be resumed from: {'; '.join(problems)}. "
             f"Delete {checkpoint_dir} to train this stage from scratch."
         )
@@ -299,7 +300,7 @@ def train(
         try:
             _, client = engine.load_checkpoint(str(checkpoint_dir), tag=tag)
         except Exception as error:  # the sizes match, the contents do not load
-            raise SystemExit(
+            raise StageError(
                 f"cannot load checkpoint {checkpoint_dir / tag} ({type(error).__name__}: {error}). "
                 f"Delete {checkpoint_dir} to train this stage from scratch."
             ) from error
