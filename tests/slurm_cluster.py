@@ -16,8 +16,8 @@ path: slurmd puts unix sockets there; world-readable so non-root job users work)
 yields a :class:`SlurmCluster` and runs env/slurm/stop.sh at the end.  The state
 dir (configs, daemon logs) is removed afterwards unless a test failed or
 LMFORGE_KEEP_SLURM_STATE=1.  Since the config lives at /etc/slurm/slurm.conf, plain
-``sbatch``/``squeue``/``snakemake --profile profiles/slurm`` work in tests without any
-environment variables.
+``sbatch``/``squeue``/``snakemake --profile profiles/slurm-test`` work in tests without any
+environment variables (the shipped profiles/slurm asks sacct, which needs slurmdbd).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SLURM_ENV_DIR = REPO_ROOT / "env" / "slurm"
-SLURM_PROFILE = REPO_ROOT / "profiles" / "slurm"
+SLURM_PROFILE = REPO_ROOT / "profiles" / "slurm-test"
 
 # Must match what start.sh is told to advertise (passed through the environment).
 CPUS = int(os.environ.get("SLURM_TEST_CPUS", "8"))

@@ -5,8 +5,10 @@ environment comes from torchrun, or from Slurm (via submitit), or is a single
 local process. Checkpoints live outside the stage's output directory, so a
 killed or requeued job resumes from the last one: model, optimizer, LR schedule,
 data position and RNG state. SIGURG (Slurm's warning before the walltime), SIGUSR1 and
-SIGTERM (preemption) save a checkpoint and stop. A checkpoint is complete once every rank
-has written it and rank 0 has recorded its file sizes; only then is the previous one removed.
+SIGTERM (preemption) save a checkpoint and stop; after SIGURG a Slurm batch job requeues
+itself, so a training longer than the walltime goes on in the same job (requeue_slurm_job).
+A checkpoint is complete once every rank has written it and rank 0 has recorded its file
+sizes; only then is the previous one removed.
 Resuming skips a newest checkpoint that is incomplete (the job was killed while saving it) or
 whose files changed since, for the previous one. A rerun after the last step trains nothing
 and exports the model from the final checkpoint.
@@ -22,6 +24,7 @@ import random
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -167,20 +170,65 @@ class StopRequested:
     all-reduce of one integer, which does not wait for the GPU.
     """
 
+    # In rising precedence: a preemption or `scancel` (SIGTERM) during the walltime warning must not requeue.
+    SIGNALS = (signal.SIGURG, signal.SIGUSR1, signal.SIGTERM)
+
     def __init__(self):
-        self.signal = None
+        self.received = 0  # 1 + the index in SIGNALS of the strongest signal this rank got; 0: none
         self.group = torch.distributed.new_group(backend="gloo")
-        for sig in (signal.SIGURG, signal.SIGUSR1, signal.SIGTERM):
+        for sig in self.SIGNALS:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        self.signal = signal.Signals(signum).name
+        self.received = max(self.received, 1 + self.SIGNALS.index(signum))
 
-    def agreed(self) -> bool:
-        """Whether any rank has been signalled."""
-        flag = torch.tensor([self.signal is not None], dtype=torch.int32)
+    def agreed(self) -> str | None:
+        """The name of the strongest signal any rank has received; None when none has."""
+        flag = torch.tensor([self.received], dtype=torch.int32)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self.group)
-        return bool(flag.item())
+        return self.SIGNALS[flag.item() - 1].name if flag.item() else None
+
+
+REQUEUED = "requeued.json"  # in the checkpoint directory: the Slurm job that last requeued itself, and at which step
+
+
+def requeue_slurm_job(step: int, checkpoint_dir: Path) -> str:
+    """Put this Slurm batch job back in the queue to resume from the checkpoint of `step`; says what happened.
+
+    Slurm's `--requeue` acts on node failure and preemption, not on a job's own exit, so the job asks for it:
+    Slurm runs the same job id again, the rule's command resumes, and Snakemake, polling that id, waits on.
+    A job that has not got past the step where it last requeued itself (it did not resume from the checkpoint
+    it left) would loop forever: it is not requeued again.
+    """
+    job = os.environ["SLURM_JOB_ID"]
+    record = checkpoint_dir / REQUEUED
+    previous = json.loads(record.read_text()) if record.exists() else {}
+    if previous.get("job") != job:  # a record of an earlier run's job
+        previous = {}
+    if previous and previous["step"] >= step:
+        return (
+            f"not requeued: Slurm job {job} requeued itself at step {previous['step']} before and has not trained "
+            f"past it since (is {checkpoint_dir} on a filesystem every node sees?); rerun to resume"
+        )
+    requeues = previous.get("requeues", 0) + 1
+    record.write_text(json.dumps({"job": job, "step": step, "requeues": requeues}) + "\n")
+    try:
+        requeue = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return f"cannot requeue Slurm job {job} ({error}); rerun to resume"
+    if requeue.returncode != 0:
+        return f"`scontrol requeue {job}` failed ({requeue.stderr.strip()}); rerun to resume"
+    return f"requeued Slurm job {job} (requeue {requeues}) to resume from step {step}"
+
+
+def how_training_resumes(stopped_by: str, step: int, checkpoint_dir: Path, rank: int, group) -> str:
+    """After the stop's checkpoint: a Slurm job warned of its walltime requeues itself; otherwise, rerun."""
+    if stopped_by != "SIGURG" or "SLURM_JOB_ID" not in os.environ:
+        return "rerun to resume"
+    outcome = [requeue_slurm_job(step, checkpoint_dir) if rank == 0 else None]
+    # Also holds the other ranks until the job is requeued: a task exiting first could end the job as FAILED.
+    torch.distributed.broadcast_object_list(outcome, src=0, group=group)
+    return outcome[0]
 
 
 def _rng_state() -> dict:
@@ -271,6 +319,7 @@ def train(
 
     rank, world = setup_distributed()
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    stop = StopRequested()  # before building the engine and loading the checkpoint: a signal then is not lost
     device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if torch.cuda.is_available() else "cpu")
     model = prepare_model(model, tcfg)
     parameter_counts = matmul_parameters(model)  # before ZeRO-3 partitions them
@@ -325,7 +374,6 @@ def train(
         engine.train()
         return float(np.mean(losses))
 
-    stop = StopRequested()
     engine.train()
     # Since the last log line, on this rank: tokens with a loss, tokens through the model, and the model FLOPs.
     trained_tokens = seen_tokens = flops = 0
@@ -355,13 +403,13 @@ def train(
         if done % tcfg.eval_every == 0 or done == tcfg.steps:
             metrics["validation_loss"] = validation_loss()
             tracker.log_metrics({"validation_loss": metrics["validation_loss"]}, step=done)
-        stopping = stop.agreed()
-        if stopping or done % tcfg.checkpoint_every == 0 or done == tcfg.steps:
+        stopped_by = stop.agreed()
+        if stopped_by or done % tcfg.checkpoint_every == 0 or done == tcfg.steps:
             metrics["train_loss"] = loss.item()
             save(done)
-        if stopping:
-            received = f"{stop.signal} received" if stop.signal else "another rank was signalled"
-            sys.exit(f"{received}: checkpoint saved at step {done} in {checkpoint_dir}; rerun to resume")
+        if stopped_by:
+            resumes = how_training_resumes(stopped_by, done, checkpoint_dir, rank, stop.group)
+            sys.exit(f"{stopped_by} received: checkpoint saved at step {done} in {checkpoint_dir}; {resumes}")
         if done % tcfg.eval_every == 0 or done % tcfg.checkpoint_every == 0:
             last_time = time.perf_counter()  # throughput counts training steps, not evaluation or checkpoints
 

@@ -92,10 +92,12 @@ def slurm_resources(stage: Stage) -> dict:
         if res.gpus:  # one task per GPU; without it the plugin asks for --ntasks-per-gpu=<all tasks>
             resources["tasks_per_gpu"] = 1
     if res.signal_before_end_s:
-        # To every process of the job's steps (no "B:"), so the training process itself gets it; requeue after
-        # preemption. No quotes: the plugin pastes slurm_extra into a shell command line. URG, not USR1: the
-        # Snakemake (and torchrun) processes around the trainer get it too; USR1 kills them, URG they ignore.
-        resources["slurm_extra"] = f"--signal=URG@{res.signal_before_end_s} --requeue"
+        # The walltime warning, on which training checkpoints and requeues its job (lmforge.train_loop); the
+        # plugin has no setting for it (`--requeue` is the profile's slurm-requeue). To every process of the
+        # job's steps (no "B:"), so the training process itself gets it. No quotes: the plugin pastes
+        # slurm_extra into a shell command line. URG, not USR1: the Snakemake (and torchrun) processes around
+        # the trainer get it too; USR1 kills them, URG they ignore.
+        resources["slurm_extra"] = f"--signal=URG@{res.signal_before_end_s}"
     return resources
 
 
