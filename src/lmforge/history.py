@@ -5,19 +5,27 @@
 
 The Snakemake rules `history` and `wandb_sync` run these on the login node
 (local rules: compute nodes may have no internet) once a configuration's card exists; the stages themselves only wrote records into
-their own directories (see lmforge.tracking for why). In the central store:
+their own directories (see lmforge.tracking for why). Before that, while
+Snakemake runs, lmforge.watch merges the records of running and failed stages
+(`merge(..., final=False)`): a running stage is a RUNNING child whose curves
+grow at each merge, a failed one a FAILED child with its log. In the central store:
 
 - one experiment per sweep (tracking.experiment_name),
 - one parent run per configuration, tagged `lmforge.run_key`, carrying the whole
   configuration as params and its headline numbers (SUMMARY_METRICS),
 - one child run per stage, tagged with its stage key, the record it came from
-  (`lmforge.source_run_id`) and its upstream stages' keys and child run ids.
+  (`lmforge.source_run_id`) and its upstream stages' keys and child run ids,
+  with the curated splits it read as dataset inputs and its code's git commit;
+- a logged model (MLflow's Models tab) for the model the card ships, its
+  weights left in the card's directory; the card and datasheet on the parent.
 
 A stage shared by several configurations of a sweep (curate, tokenizer) becomes
 a child of each of them, so every configuration shows all eight stages.
-Merging is idempotent: a stage whose record is already a finished child of the
-parent is skipped; a child copied from an older record of the stage (rerun under
-the same key), or whose copy died halfway, is replaced. A SQLite store is written under a file lock, so concurrent
+Merging is idempotent: a stage whose record is already a child of the parent,
+in the same state (status and number of attempts), is skipped, or, running,
+gets the points logged since; a child copied from an older record of the stage
+(rerun under the same key), or whose copy died halfway, is replaced, but for
+FAILED and KILLED children: an attempt that did not finish stays in the history. A SQLite store is written under a file lock, so concurrent
 merges (Snakemake runs local jobs in parallel) take turns; keep it on a local
 disk. An http(s) URI sends the runs to an MLflow server.
 
@@ -36,6 +44,7 @@ import json
 import sqlite3
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -56,6 +65,12 @@ SUMMARY_METRICS = {
     "exact_match": ("evaluate", "finetune.task_exact_match_chat_greedy"),
 }
 BATCH = 1000  # MLflow's limit of metrics in one log_batch call (params: 100)
+RECORD_STATE_TAG = "lmforge.record_state"  # "<status>:<attempts>" of the record a child was copied from
+OFFSET_TAG = "lmforge.metrics_offset"  # bytes of the record's metrics.jsonl that a running child holds
+KEPT = ("FAILED", "KILLED")  # children kept when their stage runs again: the attempts that did not finish
+DATA_READERS = ("curate", "tokenizer", "baseline", "pretrain", "finetune", "evaluate")  # dataset inputs: the splits
+# The UI opens an experiment of this kind on its runs and models, not on traces (GenAI); mlflow's own values.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def configuration_stages(last_dir: Path) -> dict[str, Path]:
@@ -70,6 +85,28 @@ def configuration_stages(last_dir: Path) -> dict[str, Path]:
     return {name: found[name] for name in plan.STAGES if name in found}
 
 
+def record_home(stage_dir: Path) -> Path | None:
+    """The directory holding a stage's record: the stage's own when it finished, else its `.partial` sibling
+    (running, failed, or killed); None before the stage started."""
+    for directory in (Path(stage_dir), Path(f"{stage_dir}.partial")):
+        if (directory / tracking.RECORD_DIR / "run.json").exists():
+            return directory
+    return None
+
+
+def points_from(directory: Path, offset: int = 0) -> tuple[list[dict], int]:
+    """The metric points of a record from byte `offset` of its metrics.jsonl, and where they end: at the last
+    whole line, as a running stage may be writing the next one."""
+    path = directory / "metrics.jsonl"
+    if not path.exists():
+        return [], offset
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read()
+    whole = data[: data.rfind(b"\n") + 1]
+    return [json.loads(line) for line in whole.splitlines()], offset + len(whole)
+
+
 def read_record(stage_dir: Path) -> dict:
     """A stage's run record with its metric points (lmforge.tracking writes them), one per metric and step.
 
@@ -78,9 +115,13 @@ def read_record(stage_dir: Path) -> dict:
     """
     directory = stage_dir / tracking.RECORD_DIR
     record = json.loads((directory / "run.json").read_text())
-    points = {(point["key"], point["step"]): point for point in tracking.read_points(directory)}
-    record["metrics"] = list(points.values())
+    points, record["metrics_end"] = points_from(directory)
+    record["metrics"] = list({(point["key"], point["step"]): point for point in points}.values())
     return record
+
+
+def record_state(record: dict) -> str:
+    return f"{record['status']}:{len(record['attempts'])}"
 
 
 def last_values(points: list[dict]) -> dict[str, float]:
@@ -141,7 +182,7 @@ def experiment_id(client, run_cfg: dict) -> str:
     local = not client.tracking_uri.startswith(("http://", "https://"))
     location = (Path(run_cfg["results_dir"]).resolve() / "mlartifacts").as_uri() if local else None
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
     except MlflowException:  # another merge created it first (server)
         return client.get_experiment_by_name(name).experiment_id
 
@@ -151,13 +192,18 @@ def find_runs(client, experiment: str, tags: dict) -> list:
     return client.search_runs([experiment], filter_string=condition)
 
 
-def parent_run_id(client, experiment: str, run_cfg: dict) -> str:
+def parent_run_id(client, experiment: str, run_cfg: dict, records: dict) -> str:
+    """The configuration's run; a new one starts with its earliest stage, so that its duration spans its children,
+    and shows the code (git commit) of its latest stage."""
     tags = {RUN_KEY_TAG: run_cfg["run_key"], **CONFIGURATION_ROLE}
     found = find_runs(client, experiment, tags)
     if found:
         return found[0].info.run_id
-    tags["lmforge.sweep"] = run_cfg.get("sweep") or ""
-    return client.create_run(experiment, run_name=f"run-{run_cfg['run_key']}", tags=tags).info.run_id
+    latest = max(records.values(), key=lambda record: record["start_time"])
+    source = {k: v for k, v in latest["tags"].items() if k.startswith("mlflow.source.")}
+    tags.update({"lmforge.sweep": run_cfg.get("sweep") or "", **source})
+    start = min(record["start_time"] for record in records.values())
+    return client.create_run(experiment, start_time=start, run_name=f"run-{run_cfg['run_key']}", tags=tags).info.run_id
 
 
 def log_batches(client, run_id: str, params=(), metrics=()) -> None:
@@ -168,22 +214,62 @@ def log_batches(client, run_id: str, params=(), metrics=()) -> None:
         client.log_batch(run_id, metrics=metrics[start : start + BATCH])
 
 
-def current_child(client, experiment: str, parent: dict, record: dict) -> str | None:
-    """The parent's child copied from this very record, if any. Other children of the same stage are deleted:
-    copies that died halfway (still RUNNING) and copies of an older record (the stage rerun under the same key)."""
+def current_child(client, experiment: str, parent: dict, record: dict):
+    """The parent's child copied from this very record in its present state, if any. Other children of the same
+    stage are deleted: copies that died halfway (RUNNING, no state tag), copies of the record in an earlier state
+    (running, now finished) and copies of an older record (the stage rerun under the same key); but a FAILED or
+    KILLED child stays, the record of an attempt that did not finish."""
     current = None
     for run in find_runs(client, experiment, {**parent, "lmforge.stage": record["name"]}):
-        if run.data.tags.get("lmforge.source_run_id") == record["run_id"] and run.info.status == record["status"]:
-            current = run.info.run_id
-        else:
+        tags = run.data.tags
+        if tags.get("lmforge.source_run_id") == record["run_id"] and tags.get(RECORD_STATE_TAG) == record_state(record):
+            current = run
+        elif run.info.status not in KEPT:
             client.delete_run(run.info.run_id)
     return current
 
 
-def import_stage(client, experiment: str, parent: dict, stage_dir: Path, record: dict, upstream: dict) -> str:
-    """A new child run copied from a stage record; `parent` holds the tags that link a child to its parent,
-    `upstream` maps stage names to their child runs in this configuration."""
-    from mlflow.entities import Metric, Param
+_digests: dict[tuple, str] = {}  # (path, size, mtime) -> digest: a merge every minute hashes each split once
+
+
+def file_digest(path: Path) -> str:
+    status = path.stat()
+    key = (str(path), status.st_size, status.st_mtime_ns)
+    if key not in _digests:
+        _digests[key] = stage.sha256_file(path)[:16]  # MLflow keeps at most 36 characters
+    return _digests[key]
+
+
+def curated_inputs(curate_dir: Path) -> list:
+    """The curated splits (data/*.parquet, task/*.parquet) as MLflow dataset inputs: a local source with the
+    file's path, a digest of its content, its number of rows; the split is the input's context."""
+    import pyarrow.parquet as pq
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    inputs = []
+    for path in sorted(Path(curate_dir).glob("*/*.parquet")):
+        dataset = Dataset(
+            name=f"{path.parent.name}/{path.stem}",
+            digest=file_digest(path),
+            source_type="local",
+            source=json.dumps({"uri": path.resolve().as_uri()}),
+            profile=json.dumps({"num_rows": pq.ParquetFile(path).metadata.num_rows}),
+        )
+        inputs.append(DatasetInput(dataset, tags=[InputTag("mlflow.data.context", path.stem)]))
+    return inputs
+
+
+def stage_log(run_cfg: dict, record: dict) -> Path:
+    """The job's log, where the stage rules write it (workflow/rules/common.smk, stage_log)."""
+    return Path(run_cfg["results_dir"]) / "logs" / record["name"] / f"{record['tags']['lmforge.stage_key']}.log"
+
+
+def import_stage(client, experiment: str, parent: dict, home: Path, record: dict, upstream: dict, context: dict) -> str:
+    """A new child run copied from a stage record found in `home` (the stage's directory or its `.partial`);
+    `parent` holds the tags that link a child to its parent, `upstream` maps stage names to their child runs in
+    this configuration; `context` holds the run config (`run`) and the curated data's directory (`curate`).
+    A running record's child stays RUNNING; `append_points` adds what the stage logs next."""
+    from mlflow.entities import Metric, Param, RunTag
 
     read = [name for name in upstream if f"lmforge.upstream.{name}" in record["tags"]]
     tags = {**record["tags"], **parent, **{f"lmforge.upstream_run.{name}": upstream[name] for name in read}}
@@ -196,38 +282,80 @@ def import_stage(client, experiment: str, parent: dict, stage_dir: Path, record:
         params=[Param(k, v[:6000]) for k, v in record["params"].items()],
         metrics=[Metric(p["key"], p["value"], p["timestamp"], p["step"]) for p in record["metrics"]],
     )
-    for relative in record["artifacts"]:
-        path = stage_dir / relative
+    if record["name"] in DATA_READERS and context.get("curate"):
+        client.log_inputs(run_id, datasets=curated_inputs(context["curate"]))
+    for relative in record.get("artifacts", []):  # listed when an attempt ends
+        path = home / relative
         if path.is_dir():
             client.log_artifacts(run_id, str(path), artifact_path=path.name)
         else:
             client.log_artifact(run_id, str(path))
-    # Last: a finished child is a complete one.
-    client.set_terminated(run_id, record["status"], end_time=record["end_time"])
+    job_log = stage_log(context["run"], record)
+    if record["status"] != "RUNNING" and job_log.exists():
+        client.log_artifact(run_id, str(job_log), artifact_path="log")
+    # Last: a child with its state is a complete copy (one without is a copy that died halfway).
+    state = [RunTag(RECORD_STATE_TAG, record_state(record)), RunTag(OFFSET_TAG, str(record["metrics_end"]))]
+    client.log_batch(run_id, tags=state)
+    if record["status"] != "RUNNING":
+        client.set_terminated(run_id, record["status"], end_time=record["end_time"])
     return run_id
 
 
-def merge(stages: dict[str, Path], run_cfg: dict) -> dict:
-    """Copy the records of one configuration's stages (name -> directory, upstream first) into the central store."""
+def append_points(client, run, home: Path) -> None:
+    """The points a running stage logged since its child was last merged. A resumed training's repeated steps
+    appear twice while it runs; its finished record replaces the child with one point per step."""
+    from mlflow.entities import Metric
+
+    offset = int(run.data.tags[OFFSET_TAG])
+    points, end = points_from(home / tracking.RECORD_DIR, offset)
+    if points:
+        metrics = [Metric(p["key"], p["value"], p["timestamp"], p["step"]) for p in points]
+        log_batches(client, run.info.run_id, metrics=metrics)
+        client.set_tag(run.info.run_id, OFFSET_TAG, str(end))
+
+
+def merge(stages: dict[str, Path], run_cfg: dict, final: bool = True) -> dict:
+    """Copy the records of one configuration's stages (name -> directory, upstream first) into the central store.
+
+    `final`: every stage finished (the card exists): the parent gets its summary, the card and the model, and
+    is FINISHED. Otherwise (lmforge.watch, while Snakemake runs) the stages that started are merged as they are,
+    and the parent is RUNNING while one runs, FAILED when one failed and none runs."""
     from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
     uri = tracking.tracking_uri(run_cfg)
-    records = {name: read_record(Path(directory)) for name, directory in stages.items()}
+    homes = {name: home for name, directory in stages.items() if (home := record_home(directory)) is not None}
+    records = {name: read_record(home) for name, home in homes.items()}
+    if not records:
+        return {}
+    curate = Path(stages["curate"]) if "curate" in stages and Path(stages["curate"]).is_dir() else None
+    context = {"run": run_cfg, "curate": curate}
     with store_lock(uri):
         check_store(uri)
         client = MlflowClient(tracking_uri=uri)
         experiment = experiment_id(client, run_cfg)
-        parent_id = parent_run_id(client, experiment, run_cfg)
+        parent_id = parent_run_id(client, experiment, run_cfg, records)
         parent = {"mlflow.parentRunId": parent_id, RUN_KEY_TAG: run_cfg["run_key"]}
         children: dict[str, str] = {}
-        changed = client.get_run(parent_id).info.status != "FINISHED"  # new, or a merge that died halfway
+        parent_status = client.get_run(parent_id).info.status
+        changed = parent_status != "FINISHED"  # new, or a merge that died halfway
         for name, record in records.items():
-            children[name] = current_child(client, experiment, parent, record)
-            if children[name] is None:
-                children[name] = import_stage(client, experiment, parent, Path(stages[name]), record, children)
+            current = current_child(client, experiment, parent, record)
+            if current is None:
+                children[name] = import_stage(client, experiment, parent, homes[name], record, children, context)
                 changed = True
-        if changed:  # the parent's summary, once per set of children (metrics logged twice would be two points)
+            else:
+                children[name] = current.info.run_id
+                if record["status"] == "RUNNING":
+                    append_points(client, current, homes[name])
+        end = max(record.get("end_time", 0) for record in records.values())
+        statuses = {record["status"] for record in records.values()}
+        if not final:
+            if "RUNNING" in statuses and parent_status != "RUNNING":
+                client.update_run(parent_id, status="RUNNING")
+            elif "RUNNING" not in statuses and "FAILED" in statuses and parent_status != "FAILED":
+                client.set_terminated(parent_id, "FAILED", end_time=end)
+        elif changed:  # the parent's summary, once per set of children (metrics logged twice would be two points)
             configuration = {k: v for record in records.values() for k, v in record["params"].items()}
             finals = {name: last_values(record["metrics"]) for name, record in records.items()}
             summary = {
@@ -242,7 +370,8 @@ def merge(stages: dict[str, Path], run_cfg: dict) -> dict:
                 params=[Param(k, v[:6000]) for k, v in configuration.items()],
                 metrics=[Metric(k, v, now, 0) for k, v in summary.items()],
             )
-            end = max(record["end_time"] for record in records.values())
+            if "card" in records:
+                log_card(client, experiment, parent_id, children["card"], Path(stages["card"]), run_cfg)
             client.set_terminated(parent_id, "FINISHED", end_time=end)
     return {
         "tracking_uri": uri,
@@ -251,6 +380,43 @@ def merge(stages: dict[str, Path], run_cfg: dict) -> dict:
         "parent_run_id": parent_id,
         "runs": children,
     }
+
+
+def log_card(client, experiment: str, parent_id: str, card_run: str, card_dir: Path, run_cfg: dict) -> None:
+    """The card and datasheet on the parent, and the shipped model as a logged model of the card's run and the
+    parent: MLflow holds its card and configuration files, the weights stay in the card's directory (its path is
+    the model's `lmforge.path` tag), as an external model (mlflow.create_external_model does the same)."""
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+    from mlflow.models.model import MLMODEL_FILE_NAME
+    from mlflow.models.utils import get_external_mlflow_model_spec
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_IS_EXTERNAL
+
+    model_dir = card_dir / "model"
+    for document in (model_dir / "README.md", card_dir / "datasheet.md"):
+        if document.exists():
+            client.log_artifact(parent_id, str(document), artifact_path="card")
+    if not model_dir.is_dir():
+        return
+    model = client.create_logged_model(
+        experiment,
+        name=f"model-{run_cfg['run_key']}",
+        source_run_id=card_run,
+        tags={
+            MLFLOW_MODEL_IS_EXTERNAL: "true",
+            RUN_KEY_TAG: run_cfg["run_key"],
+            "lmforge.path": str(model_dir.resolve()),
+        },
+        model_type="causal-lm",
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        get_external_mlflow_model_spec(model).save(str(Path(tmp) / MLMODEL_FILE_NAME))
+        for small in ("README.md", "config.json", "generation_config.json"):
+            if (model_dir / small).exists():
+                (Path(tmp) / small).write_bytes((model_dir / small).read_bytes())
+        client.log_model_artifacts(model.model_id, tmp)
+    client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+    for run_id in (card_run, parent_id):
+        client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
 
 
 def wandb_sync(stages: dict[str, Path]) -> None:

@@ -6,10 +6,11 @@ unsafe (its locks are unreliable there) and MLflow's file store is deprecated.
 So a stage never opens the central store: it writes its run (params, tags,
 step metrics, artifact paths) as plain files under `<stage dir>/tracking/`,
 with a single writer, inside the `.partial` directory that is renamed into
-place only when the stage succeeds. A failed job leaves nothing in the central
-store, and a compute node needs no route to an MLflow server. The local rule
-`history` (lmforge.history, on the login node) then copies each record into
-the central MLflow store, once per configuration that uses the stage.
+place only when the stage succeeds. A compute node needs no route to an MLflow
+server. While Snakemake runs, a watcher on the login node (lmforge.watch)
+copies the records of running and failed stages into the central MLflow store
+every minute; the local rule `history` (lmforge.history) copies each finished
+record, once per configuration that uses the stage.
 
 A fresh MLflow SQLite store per stage was the other candidate; creating one
 runs MLflow's schema migrations (about 5 s of CPU each), for every stage of
@@ -28,9 +29,11 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import logging
 import os
 import shutil
 import socket
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -38,6 +41,8 @@ from pathlib import Path
 from lmforge import stage
 
 RECORD_DIR = "tracking"  # inside each stage directory: run.json and metrics.jsonl
+SYSTEM_EVERY_S = 10  # seconds between samples of the stage's CPU, memory and GPUs
+log = logging.getLogger(__name__)
 
 
 def tracking_uri(run_cfg: dict) -> str:
@@ -94,8 +99,10 @@ class Tracker:
         self.artifacts: list[str] = []  # relative to the stage directory, which is renamed when it succeeds
         self.logged: set[str] = set(logged)  # metric names logged so far
         self.attempts: list[dict] = []  # every attempt of this run, the current one last
+        self.lock = threading.Lock()  # the system-metrics thread logs too
 
-    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+    def log_metrics(self, metrics: dict, step: int | None = None, to_wandb: bool = True) -> None:
+        """Points at `step`; `to_wandb=False` for the system samples, whose steps are seconds (wandb has its own)."""
         if self.directory is None or not metrics:
             return
         timestamp = now_ms()
@@ -103,11 +110,12 @@ class Tracker:
             json.dumps({"key": k, "value": float(v), "step": step or 0, "timestamp": timestamp})
             for k, v in metrics.items()
         ]
-        with open(self.directory / "metrics.jsonl", "a") as f:
-            f.write("\n".join(lines) + "\n")
-        self.logged.update(metrics)
-        if self.wandb_run is not None:
-            self.wandb_run.log(metrics, step=step)
+        with self.lock:
+            with open(self.directory / "metrics.jsonl", "a") as f:
+                f.write("\n".join(lines) + "\n")
+            self.logged.update(metrics)
+            if self.wandb_run is not None and to_wandb:
+                self.wandb_run.log(metrics, step=step)
 
     def log_artifacts(self, paths) -> None:
         if self.directory is None:
@@ -138,6 +146,86 @@ def continued_record(stage_dir: Path) -> dict | None:
     if metrics_file.exists():  # a killed writer may have left half a line: append after the last whole one
         os.truncate(metrics_file, metrics_file.read_bytes().rfind(b"\n") + 1)
     return record
+
+
+def gpu_handles() -> list:
+    """NVML handles of the GPUs this job may use (CUDA_VISIBLE_DEVICES), none without nvidia-ml-py or a driver."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # not installed, or no NVIDIA driver: no GPU figures
+        return []
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    indices = (
+        [int(i) for i in visible.split(",") if i.strip().isdigit()] if visible else range(pynvml.nvmlDeviceGetCount())
+    )
+    return [pynvml.nvmlDeviceGetHandleByIndex(i) for i in indices]
+
+
+def system_sample(process, known: dict, handles: list) -> dict:
+    """The stage's processes (itself and its children: launcher, ranks, data workers) and its GPUs, now.
+
+    `known` keeps each process's psutil object by pid: its CPU percent is over the time since its last sample."""
+    tree = [process, *process.children(recursive=True)]
+    cpu = rss = 0.0
+    for found in tree:
+        member = known.setdefault(found.pid, found)
+        with contextlib.suppress(Exception):  # a child that has just exited
+            cpu += member.cpu_percent()
+            rss += member.memory_info().rss
+    sample = {"system/cpu_percent": cpu, "system/rss_gb": rss / 2**30}
+    if handles:
+        import pynvml
+
+        utilization = [pynvml.nvmlDeviceGetUtilizationRates(h).gpu for h in handles]
+        used = [pynvml.nvmlDeviceGetMemoryInfo(h).used for h in handles]
+        sample["system/gpu_util"] = sum(utilization) / len(utilization)  # percent, the mean over the GPUs
+        sample["system/gpu_memory_gb"] = sum(used) / 2**30
+    return sample
+
+
+@contextlib.contextmanager
+def system_metrics(tracker: Tracker, start_ms: int):
+    """Samples the stage's CPU, memory and GPU use every SYSTEM_EVERY_S in a background thread, as metrics
+    `system/...` whose step is the seconds since the run started (its first attempt), or one more than the
+    last sample's. psutil's CPU percent is
+    over the time since the previous sample, so a process's first sample reads 0."""
+    import psutil
+
+    process, known, handles, stopped = psutil.Process(), {}, gpu_handles(), threading.Event()
+    last_step = -1  # each sample its own step: a short stage's last one may come within a second
+
+    def sample() -> None:
+        nonlocal last_step
+        try:
+            last_step = max((now_ms() - start_ms) // 1000, last_step + 1)
+            tracker.log_metrics(system_sample(process, known, handles), step=last_step, to_wandb=False)
+        except Exception as error:  # a figure the driver cannot give must not stop the stage
+            log.warning("system metrics: %s", error)
+
+    def sample_until_stopped() -> None:
+        while not stopped.wait(SYSTEM_EVERY_S):
+            sample()
+
+    sample()
+    thread = threading.Thread(target=sample_until_stopped, name="system-metrics", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stopped.set()
+        thread.join()
+        sample()  # the last figures, also of a stage shorter than one interval
+
+
+def source_tags(stage_name: str) -> dict:
+    """What MLflow's UI shows as a run's Source: the stage's module and the commit of the code that ran it."""
+    code = stage.code_version()
+    tags = {"mlflow.source.name": f"lmforge.{stage_name}", "mlflow.source.type": "LOCAL"}
+    if code["git_commit"]:
+        tags["mlflow.source.git.commit"] = code["git_commit"]
+    return tags
 
 
 def upstream_tags(cfg: dict) -> dict:
@@ -181,6 +269,7 @@ def stage_run(cfg: dict, stage_dir: Path, enabled: bool = True):
             "lmforge.source_run_id": tracker.run_id,
             "lmforge.host": socket.gethostname(),
             "lmforge.slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
+            **source_tags(cfg["stage"]),
             **upstream_tags(cfg),
         },
         "status": "RUNNING",
@@ -201,7 +290,8 @@ def stage_run(cfg: dict, stage_dir: Path, enabled: bool = True):
         )
     status, error = "FAILED", None
     try:
-        yield tracker
+        with system_metrics(tracker, record["start_time"]):
+            yield tracker
         status = "FINISHED"
     except BaseException as exc:  # SystemExit too: a training stopped by a signal says so
         error = f"{type(exc).__name__}: {exc}"

@@ -7,6 +7,7 @@ import sys
 from lmforge import config as lmconfig
 from lmforge import plan as lmplan
 from lmforge import sweep as lmsweep
+from lmforge import watch as lmwatch
 from lmforge import workflow as lmworkflow
 
 
@@ -32,6 +33,16 @@ onstart:
     # starts, holding Snakemake's lock, so a dry run or a second invocation that the lock stops changes nothing
     # (onstart runs neither on -n nor inside Slurm jobs, which get --no-hooks).
     lmworkflow.write_stage_configs(SWEEP, RESULTS)
+    # Live run history: running and failed stages in MLflow while this Snakemake runs (lmforge.watch).
+    lmwatch.start(SWEEP, RESULTS)
+
+
+onsuccess:
+    lmwatch.stop()
+
+
+onerror:
+    lmwatch.stop()
 
 
 def stage_dir(name):

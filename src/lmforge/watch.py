@@ -1,0 +1,160 @@
+"""Live run history: while Snakemake runs, the records of the stages merged into MLflow every minute.
+
+    python -m lmforge.watch PLAN.json SNAKEMAKE_PID [--every SECONDS]
+
+A stage's job writes its run record into its own directory (lmforge.tracking); the `history` rule merges a
+configuration's records once its card exists. Between the two, this watcher, started on the login node by the
+workflow's `onstart` (workflow/rules/common.smk) and stopped by `onsuccess`/`onerror`, merges every
+configuration's records as they are (lmforge.history.merge with final=False): a running stage appears as a
+RUNNING run whose curves grow, a failed one as FAILED with its log. It reads only files, so the stage jobs need
+no route to the login node or to an MLflow server.
+
+It must not outlive Snakemake: it exits when its parent (Snakemake) is gone, without touching runs whose jobs
+may still be running on the cluster. Stopped by Snakemake's hooks, it merges a last time and marks the runs of
+stages still RUNNING as KILLED: Snakemake ends only when none of its jobs runs. `onstart` runs neither on
+`snakemake -n` nor inside Slurm jobs (they get --no-hooks), so neither starts a watcher.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from lmforge import history, stage, tracking
+
+EVERY_S = 60  # between merges: the MLflow UI shows a curve at most this old
+STOP_WAIT_S = 120  # the last merge of a large sweep may take a while
+log = logging.getLogger(__name__)
+_watcher: subprocess.Popen | None = None  # the watcher this Snakemake process started
+
+
+def plan_of(sweep) -> dict:
+    """What the watcher merges: each configuration's run config and stage directories (the plan's)."""
+    return {
+        "configurations": [
+            {"run": run["card"].config["run"], "stages": {name: s.dir for name, s in run.items()}} for run in sweep.runs
+        ]
+    }
+
+
+def start(sweep, results: str) -> None:
+    """Start the watcher beside this Snakemake process (from `onstart`); its output goes to logs/watch.log."""
+    global _watcher
+    directory = Path(results) / "watch"
+    directory.mkdir(parents=True, exist_ok=True)
+    plan_file = directory / f"plan-{os.getpid()}.json"
+    stage.write_json(plan_file, plan_of(sweep))
+    log_file = Path(results) / "logs" / "watch.log"
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "a") as out:
+        _watcher = subprocess.Popen(
+            [sys.executable, "-m", "lmforge.watch", str(plan_file), str(os.getpid())],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # Ctrl-C reaches Snakemake, whose hooks stop the watcher after a last merge
+        )
+
+
+def stop() -> None:
+    """Stop the watcher (from `onsuccess`/`onerror`): it merges a last time, then exits."""
+    global _watcher
+    if _watcher is None:
+        return
+    _watcher.send_signal(signal.SIGTERM)
+    try:
+        _watcher.wait(timeout=STOP_WAIT_S)
+    except subprocess.TimeoutExpired:
+        _watcher.kill()
+        _watcher.wait()
+    _watcher = None
+
+
+class Watcher:
+    """Merges a plan's configurations whose records changed since the last merge."""
+
+    def __init__(self, plan: dict):
+        self.configurations = plan["configurations"]
+        self.seen: dict[str, tuple] = {}  # run_key -> the state of its records at the last merge
+
+    def fingerprint(self, stages: dict) -> tuple:
+        state = []
+        for directory in stages.values():
+            home = history.record_home(Path(directory))
+            if home is not None:
+                files = [home / tracking.RECORD_DIR / name for name in ("run.json", "metrics.jsonl")]
+                state.append(tuple((f.stat().st_mtime_ns, f.stat().st_size) if f.exists() else None for f in files))
+        return tuple(state)
+
+    def merge(self) -> None:
+        for configuration in self.configurations:
+            run_cfg, stages = configuration["run"], configuration["stages"]
+            state = self.fingerprint(stages)
+            if not state or self.seen.get(run_cfg["run_key"]) == state:
+                continue
+            try:
+                history.merge({name: Path(d) for name, d in stages.items()}, run_cfg, final=False)
+            except Exception:  # a store that is busy or damaged now: the next merge tries again
+                log.exception("merging %s", run_cfg["run_key"])
+                continue
+            self.seen[run_cfg["run_key"]] = state
+
+    def mark_killed(self) -> None:
+        """Snakemake has ended, so no job of its runs: a stage still RUNNING died without recording its end."""
+        from mlflow.tracking import MlflowClient
+
+        for configuration in self.configurations:
+            run_cfg = configuration["run"]
+            client = MlflowClient(tracking_uri=tracking.tracking_uri(run_cfg))
+            experiment = client.get_experiment_by_name(tracking.experiment_name(run_cfg))
+            if experiment is None:
+                continue
+            condition = f"tags.`{history.RUN_KEY_TAG}` = '{run_cfg['run_key']}' and attributes.status = 'RUNNING'"
+            with history.store_lock(tracking.tracking_uri(run_cfg)):
+                for run in client.search_runs([experiment.experiment_id], filter_string=condition):
+                    log.info("%s (%s) did not finish: KILLED", run.info.run_name, run.info.run_id)
+                    client.set_terminated(run.info.run_id, "KILLED")
+
+
+def watch(plan: dict, parent_pid: int, every_s: float) -> None:
+    watcher = Watcher(plan)
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+    log.info(
+        "merging %d configurations every %g s while Snakemake (pid %d) runs",
+        len(plan["configurations"]),
+        every_s,
+        parent_pid,
+    )
+    next_merge = 0.0
+    while not stopping:
+        if os.getppid() != parent_pid:  # Snakemake died (killed, its login session closed): so does its watcher
+            log.info("Snakemake (pid %d) is gone: stopping", parent_pid)
+            return
+        if time.monotonic() >= next_merge:
+            watcher.merge()
+            next_merge = time.monotonic() + every_s
+        time.sleep(min(1.0, every_s))
+    watcher.merge()
+    watcher.mark_killed()
+    log.info("stopped")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m lmforge.watch")
+    parser.add_argument("plan", type=Path, help="JSON written by lmforge.watch.start")
+    parser.add_argument("parent_pid", type=int, help="the Snakemake process: the watcher exits when it is gone")
+    parser.add_argument("--every", type=float, default=EVERY_S, help="seconds between merges")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    watch(json.loads(args.plan.read_text()), args.parent_pid, args.every)
+
+
+if __name__ == "__main__":
+    main()
