@@ -153,6 +153,16 @@ def sample_indices(step: int, micro: int, rank: int, tcfg: TrainConfig, world: i
     return indices
 
 
+def mean_loss(micro_losses: list[torch.Tensor]) -> float:
+    """A step's training loss: the mean over its micro-batches and over the ranks. Every rank calls it at the
+    same steps (it is a collective)."""
+    loss = torch.stack(micro_losses).mean()
+    if torch.distributed.is_initialized():  # SUM: gloo (CPU) has no AVG
+        torch.distributed.all_reduce(loss)
+        loss /= torch.distributed.get_world_size()
+    return loss.item()
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
     if device.type == "cuda":  # from pinned memory the copy is asynchronous: the host does not wait for the GPU
         return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
@@ -178,6 +188,8 @@ class StopRequested:
         self.group = torch.distributed.new_group(backend="gloo")
         for sig in self.SIGNALS:
             signal.signal(sig, self._handle)
+        # lmforge.launch blocked SIGURG so that a warning during start-up waits for this handler.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGURG})
 
     def _handle(self, signum, frame):
         self.received = max(self.received, 1 + self.SIGNALS.index(signum))
@@ -379,6 +391,7 @@ def train(
     trained_tokens = seen_tokens = flops = 0
     last_time = time.perf_counter()
     for step in range(start_step, tcfg.steps):
+        micro_losses = []
         for micro in range(tcfg.grad_accum):
             batch = collate(sample_indices(step, micro, rank, tcfg, world, n_examples, seed))
             trained_tokens += int((batch["labels"] != -100).sum())
@@ -388,9 +401,10 @@ def train(
             loss = engine(**to_device(batch, device)).loss
             engine.backward(loss)
             engine.step()
+            micro_losses.append(loss.detach())
         done = step + 1
         if done % LOG_EVERY == 0 or done == tcfg.steps:
-            logged = {"train_loss": loss.item(), "lr": scheduler.get_last_lr()[0]}  # .item() waits for the GPU
+            logged = {"train_loss": mean_loss(micro_losses), "lr": scheduler.get_last_lr()[0]}  # waits for the GPU
             elapsed, last_time = time.perf_counter() - last_time, time.perf_counter()
             logged["tokens_per_second"] = trained_tokens * world / elapsed
             logged["tokens_per_second_per_device"] = seen_tokens / elapsed
@@ -405,7 +419,7 @@ def train(
             tracker.log_metrics({"validation_loss": metrics["validation_loss"]}, step=done)
         stopped_by = stop.agreed()
         if stopped_by or done % tcfg.checkpoint_every == 0 or done == tcfg.steps:
-            metrics["train_loss"] = loss.item()
+            metrics["train_loss"] = mean_loss(micro_losses)
             save(done)
         if stopped_by:
             resumes = how_training_resumes(stopped_by, done, checkpoint_dir, rank, stop.group)
