@@ -5,10 +5,15 @@ Every rule runs its stage through this command; with N = 1 it becomes the stage 
 Inside a Slurm job, `srun -n N` starts one task per GPU and each task reads its rank from Slurm (through
 submitit, in train_loop.setup_distributed); on a workstation or in CI, torch.distributed.run starts them.
 The Snakemake rule asks Slurm for N tasks, so this command itself runs once.
+
+Slurm's walltime warning (SIGURG) may come while the stage is still importing torch, before the training
+loop has its handler, and an unhandled SIGURG is dropped. It is blocked here instead: a blocked signal stays
+pending through exec, and train_loop.StopRequested unblocks it once its handler is in place.
 """
 
 import os
 import shutil
+import signal
 import sys
 
 
@@ -30,6 +35,7 @@ def main() -> None:
             module,
             *args,
         ]
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGURG})
     os.execvp(command[0], command)
 
 
