@@ -79,7 +79,7 @@ def main() -> None:
     model = pretrain.build_model(model_cfg, args.vocab, dict(bos_token_id=1, eos_token_id=2, pad_token_id=0))
     seq = model_cfg.max_seq_len
     tokens = np.random.default_rng(0).integers(0, args.vocab, size=4096 * seq, dtype=np.int32)
-    blocks = pretrain.blocks(tokens, seq)
+    blocks = pretrain.Blocks(tokens, seq)
     validation = [pretrain.block_batch(blocks, list(range(tcfg.micro_batch_size)))]
 
     recorder = Recorder()

@@ -8,7 +8,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import numpy as np
 import psutil
 import pytest
 import torch
@@ -16,7 +15,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lmforge import chat, config, pretrain, train_loop, workflow
+from lmforge import chat, config, pretrain, tokenizer, train_loop, workflow
 from lmforge import plan as planning
 from tests.stages import TINY, curated_and_tokenized, plan, run_stage, stage_command
 
@@ -229,8 +228,8 @@ def test_a_job_killed_during_its_first_save_starts_again(prepared, tmp_path):
 
 def validation_loss(model, stage) -> float:
     """The loss of `model` on the first validation blocks of the stage's tokenizer."""
-    tokens = np.load(f"{stage.config['inputs']['tokenizer']}/tokens/validation.npy")
-    batch = pretrain.block_batch(pretrain.blocks(tokens, stage.config["model"]["max_seq_len"]), list(range(8)))
+    tokens = tokenizer.tokens(stage.config["inputs"]["tokenizer"], "validation")
+    batch = pretrain.block_batch(pretrain.Blocks(tokens, stage.config["model"]["max_seq_len"]), list(range(8)))
     with torch.no_grad():
         return model(**batch).loss.item()
 

@@ -1,7 +1,8 @@
 """Stage 4, pretraining: a Llama-style (or GPT-2) model built from config, trained with DeepSpeed.
 
-Reads the tokenizer stage's packed token ids (no tokenizer in the loop), trains on blocks of
-`model.max_seq_len` tokens, and writes the final weights as a plain Hugging Face model directory.
+Reads the tokenizer stage's token shards, memory-mapped (no tokenizer in the loop), trains on blocks of
+`model.max_seq_len` tokens (each rank reads only those of its own micro-batches), and writes the final
+weights as a plain Hugging Face model directory.
 
 Outputs: model/ (save_pretrained, safetensors, with the tokenizer); the manifest's metrics hold the final
 losses, the parameters with and without embeddings, and the tokens seen.
@@ -58,22 +59,34 @@ def build_model(model_cfg: ModelConfig, vocab_size: int, special: dict) -> torch
     return AutoModelForCausalLM.from_config(config)
 
 
-def blocks(tokens: np.ndarray, length: int) -> np.ndarray:
-    """The token stream cut into non-overlapping training blocks."""
-    n = len(tokens) // length
-    return tokens[: n * length].reshape(n, length)
+class Blocks:
+    """A split's token stream cut into non-overlapping training blocks of `length` tokens.
+
+    Over the memory-mapped shards: a rank reads only the blocks of its own micro-batches from disk.
+    """
+
+    def __init__(self, tokens: tokenizer.Tokens | np.ndarray, length: int):
+        self.tokens, self.length = tokens, length
+
+    def __len__(self) -> int:
+        return len(self.tokens) // self.length
+
+    def __getitem__(self, indices: list[int]) -> np.ndarray:
+        if any(not 0 <= i < len(self) for i in indices):
+            raise IndexError(f"blocks {indices} of {len(self)}")
+        return np.stack([self.tokens[i * self.length : (i + 1) * self.length] for i in indices])
 
 
-def block_batch(block_array: np.ndarray, indices: list[int]) -> dict:
-    ids = torch.from_numpy(block_array[indices].astype(np.int64))
+def block_batch(blocks: Blocks, indices: list[int]) -> dict:
+    ids = torch.from_numpy(blocks[indices].astype(np.int64))
     return {"input_ids": ids, "labels": ids}
 
 
 def main(cfg: StageConfig, out: Path, tracker) -> dict:
     model_cfg, tcfg = cfg.model, cfg.train
     bpe = tokenizer.load(cfg.inputs["tokenizer"])
-    train_blocks = blocks(tokenizer.tokens(cfg.inputs["tokenizer"], "train"), model_cfg.max_seq_len)
-    val_blocks = blocks(tokenizer.tokens(cfg.inputs["tokenizer"], "validation"), model_cfg.max_seq_len)
+    train_blocks = Blocks(tokenizer.tokens(cfg.inputs["tokenizer"], "train"), model_cfg.max_seq_len)
+    val_blocks = Blocks(tokenizer.tokens(cfg.inputs["tokenizer"], "validation"), model_cfg.max_seq_len)
     mb = tcfg.micro_batch_size
     validation = [
         block_batch(val_blocks, list(range(i, i + mb)))

@@ -88,6 +88,10 @@ MIN_VOCAB_SIZE = 256 + 4 + 1
 class TokenizerConfig:
     vocab_size: int = setting(4096, at_least(MIN_VOCAB_SIZE))
     min_frequency: int = setting(2, at_least(1))
+    # The BPE trains on a seeded sample of the train split of at most this many bytes of text (all of it when
+    # smaller). 1 GiB: a vocabulary of a few thousand to 50k merges has settled long before, the trainer's word
+    # counts stay within the job's memory, and the 12 MB stdlib default is used whole.
+    train_bytes: int = setting(2**30, at_least(2**16))
     chat_template: str = MISSING
 
 
