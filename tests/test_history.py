@@ -24,6 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 LEARNING_RATES = {"cfg_a": 0.001, "cfg_b": 0.003, "cfg_c": 0.01}
 WRITERS = 16
 MERGERS = 4
+TOKENS_PER_STEP = 256
+EXACT_MATCH = history.SUMMARY_METRICS["exact_match"][1]  # the evaluate stage's metric
 
 
 def record_configuration(root: Path, run_key: str, lr: float, shared: dict[str, Path]) -> dict[str, Path]:
@@ -37,7 +39,7 @@ def record_configuration(root: Path, run_key: str, lr: float, shared: dict[str, 
         {"train": {"lr": lr, "steps": 3}},
         {"tokenizer": shared["tokenizer"]},
         curves={"train_loss": [5.0, 4.0 - lr * 100, 3.0 - lr * 100], "validation_loss": [5.5, 4.5, 3.5 - lr * 50]},
-        summary={"parameters": 1000},
+        summary={"parameters": 1000, "train_tokens_seen": 3 * TOKENS_PER_STEP},
     )
     evaluate = record_stage(
         root,
@@ -46,7 +48,7 @@ def record_configuration(root: Path, run_key: str, lr: float, shared: dict[str, 
         run_cfg,
         {"eval": {"few_shot": 1}},
         {"curate": shared["curate"], "pretrain": pretrain},
-        summary={"pretrain.test_bits_per_byte": 2.0 - lr * 10, "finetune.task_exact_match_chat_greedy": lr * 10},
+        summary={"pretrain.test_bits_per_byte": 2.0 - lr * 10, EXACT_MATCH: lr * 10},
     )
     return {**shared, "pretrain": pretrain, "evaluate": evaluate}
 
@@ -252,26 +254,70 @@ def test_report_plots_the_configurations(sweep, tmp_path):
     assert "3 configurations of lmforge/demo, swept: train.lr" in run.stdout
 
     # Loss curves: per configuration a solid training and a dashed validation line of 3 steps, in its own colour,
-    # on the pretraining panel; the fine-tuning panel is empty (the sweep fixture records no fine-tuning).
+    # on the pretraining panels (against steps, against tokens); the fine-tuning panel is empty (the sweep fixture
+    # records no fine-tuning).
     curves = out / "loss_curves.svg"
-    pretraining, finetuning = plotted_lines(curves)
-    assert len(pretraining) == 2 * len(LEARNING_RATES) and finetuning == []
-    assert all(points == 3 for _, points in pretraining)
-    colours = [re.search(r"stroke: (#\w+)", style).group(1) for style, _ in pretraining]
-    assert len(set(colours)) == len(LEARNING_RATES) and colours[::2] == colours[1::2]
-    assert ["stroke-dasharray" in style for style, _ in pretraining] == [False, True] * len(LEARNING_RATES)
-    for run_key, lr in LEARNING_RATES.items():  # matplotlib writes each text as a comment beside its glyphs
-        assert f"<!-- {run_key} train.lr={lr} -->" in curves.read_text()
+    per_step, per_token, finetuning = plotted_lines(curves)
+    assert len(per_step) == len(per_token) == 2 * len(LEARNING_RATES) and finetuning == []
+    for pretraining in (per_step, per_token):
+        assert all(points == 3 for _, points in pretraining)
+        colours = [re.search(r"stroke: (#\w+)", style).group(1) for style, _ in pretraining]
+        assert len(set(colours)) == len(LEARNING_RATES) and colours[::2] == colours[1::2]
+        assert ["stroke-dasharray" in style for style, _ in pretraining] == [False, True] * len(LEARNING_RATES)
+    text = curves.read_text()
+    for lr in LEARNING_RATES.values():  # matplotlib writes each text as a comment beside its glyphs
+        assert f"<!-- train.lr={lr} -->" in text  # what differs, not the configuration's hash
+    assert "<!-- loss (nats per token) -->" in text and "<!-- tokens trained on -->" in text
+    assert (out / "loss_curves.png").read_bytes().startswith(b"\x89PNG")
 
     # Metrics against the swept learning rate: one line through the 3 configurations per metric the sweep has.
     metrics = out / "metrics_vs_params.svg"
     titles = ["pretrain_train_loss", "pretrain_validation_loss", "pretrain_test_bpb", "exact_match"]
     assert [[points for _, points in panel] for panel in plotted_lines(metrics)] == [[3]] * len(titles)
     assert all(f"<!-- {title} -->" in metrics.read_text() for title in titles)
+    assert "<!-- bits per byte -->" in metrics.read_text() and "<!-- nats per token -->" in metrics.read_text()
+    client = client_of(sweep)  # attached to every configuration's run
+    for merged in (json.loads(Path(history_file).read_text()) for history_file in histories):
+        attached = {a.path for a in client.list_artifacts(merged["parent_run_id"], "comparison")}
+        assert {"comparison/loss_curves.png", "comparison/metrics_vs_params.svg", "comparison/runs.csv"} <= attached
 
     caption = (out / "configurations.rst").read_text()
     assert "cfg_a" in caption and "0.003" in caption and "tokenizer.vocab_size: 512" in caption
     assert (out / "runs.csv").read_text().splitlines()[0].startswith("run_key,train.lr,")
+
+
+def test_metrics_against_one_of_two_swept_params_draw_one_line_per_value_of_the_other(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from lmforge import report, runs
+
+    grid = [(lr, width) for lr in (0.001, 0.01) for width in (32, 64)]
+    for index, (lr, width) in enumerate(grid):
+        run_key = f"cfg{index}"
+        run_cfg = run_config(tmp_path, run_key, sweep="grid")
+        sections = {"train": {"lr": lr}, "model": {"hidden_size": width}}
+        pretrain = record_stage(tmp_path, "pretrain", f"pre{index}", run_cfg, sections, curves={"train_loss": [3, 2]})
+        evaluate = record_stage(
+            tmp_path,
+            "evaluate",
+            f"eval{index}",
+            run_cfg,
+            {},
+            {"pretrain": pretrain},
+            summary={"pretrain.test_bits_per_byte": 2.0 - lr * 10 - width / 100},
+        )
+        history.merge({"pretrain": pretrain, "evaluate": evaluate}, run_cfg)
+    configurations = runs.load_configurations(f"sqlite:///{tmp_path}/mlflow.db", "lmforge/grid")
+    swept = runs.swept_params(configurations)
+    assert swept == ["model.hidden_size", "train.lr"]
+    path = tmp_path / "metrics_vs_params.svg"
+    report.plot_metrics_vs_params(configurations, swept, path)
+    # Panels: (hidden_size, train loss), (hidden_size, bpb), (lr, train loss), (lr, bpb); each a line of 2 points
+    # per value of the other param, never one line through all 4 configurations.
+    assert [[points for _, points in panel] for panel in plotted_lines(path)] == [[2, 2]] * 4
+    text = path.read_text()
+    assert all(f"<!-- {legend} -->" in text for legend in ("train.lr=0.001", "train.lr=0.01", "model.hidden_size=64"))
 
 
 def wandb_records(path: Path) -> list:

@@ -6,29 +6,56 @@ The HISTORY files are what the `history` rule wrote (they name the central store
 and the experiment). Every configuration of that experiment is compared, also
 ones merged by earlier runs: an experiment is one sweep. Writes into OUT_DIR:
 - loss_curves.svg: training (solid) and validation (dashed) loss of pretraining
-  and fine-tuning, one colour per configuration;
-- metrics_vs_params.svg: each headline metric against each swept param;
+  (against steps and against tokens) and fine-tuning (against steps), one colour
+  per configuration, labelled with the values that differ between them;
+- metrics_vs_params.svg: each headline metric against each swept param, one line
+  per value of the other swept params;
 - configurations.rst: the configurations (swept params, metrics, and the params
   they share), which the report's caption includes;
 - runs.csv: the table of `lmforge runs --csv`.
+Each plot is also written as PNG; plots, table and caption are attached to every
+configuration's parent run (artifacts under `comparison/`).
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 from lmforge import history, runs
 
 CURVES = {"pretrain": ("train_loss", "validation_loss"), "finetune": ("train_loss", "validation_loss")}
+# The panels of loss_curves: (stage, x axis). Pretraining reads full blocks, so its tokens per step are fixed
+# (train_tokens_seen / train.steps); fine-tuning's rows vary, so it is against steps only.
+PANELS = (("pretrain", "step"), ("pretrain", "tokens"), ("finetune", "step"))
+LOSS_UNIT = "loss (nats per token)"  # the models' cross-entropy, natural log; the card's bits per byte are test_bpb
+
+
+def metric_unit(metric: str) -> str:
+    """The unit of a headline metric (history.SUMMARY_METRICS), for its axis."""
+    if metric.endswith("_loss"):
+        return "nats per token"
+    if metric.endswith("_bpb"):
+        return "bits per byte"
+    return "fraction of examples" if metric == "exact_match" else ""
+
+
+def values_order(values: list) -> tuple:
+    """Sorts configurations by their values of the swept params: numbers as numbers (32 before 128)."""
+    return tuple((0, runs.as_number(v), "") if runs.as_number(v) is not None else (1, 0, str(v)) for v in values)
 
 
 def loss_curves(client, configuration: dict) -> dict:
-    """stage -> metric -> (steps, values) of one configuration's training stages."""
+    """stage -> metric -> (steps, values) of one configuration's finished training stages, and for pretraining
+    "tokens_per_step"."""
     curves = {}
     for stage, metrics in CURVES.items():
-        condition = f"tags.`{history.RUN_KEY_TAG}` = '{configuration['run_key']}' and tags.`lmforge.stage` = '{stage}'"
+        condition = (
+            f"tags.`{history.RUN_KEY_TAG}` = '{configuration['run_key']}' and tags.`lmforge.stage` = '{stage}'"
+            " and attributes.status = 'FINISHED'"  # not a failed attempt kept beside it
+        )
         found = client.search_runs([configuration["experiment_id"]], filter_string=condition, max_results=1)
         if not found:
             continue
@@ -36,30 +63,54 @@ def loss_curves(client, configuration: dict) -> dict:
         for metric in metrics:
             points = sorted(client.get_metric_history(found[0].info.run_id, metric), key=lambda p: p.step)
             curves[stage][metric] = ([p.step for p in points], [p.value for p in points])
+        seen, steps = found[0].data.metrics.get("train_tokens_seen"), found[0].data.params.get("train.steps")
+        if seen and steps:
+            curves[stage]["tokens_per_step"] = seen / float(steps)
     return curves
 
 
 def label(configuration: dict, swept: list[str]) -> str:
-    return " ".join([configuration["run_key"], *(f"{p}={configuration['params'].get(p)}" for p in swept)])
+    """What sets a configuration apart: its values of the swept params (its run key when none differs)."""
+    if not swept:
+        return configuration["run_key"]
+    return ", ".join(f"{p}={configuration['params'].get(p)}" for p in swept)
 
 
 def plot_loss_curves(client, configurations: list[dict], swept: list[str], path: Path) -> None:
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(1, len(CURVES), figsize=(6 * len(CURVES), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(5.5 * len(PANELS), 4.5), squeeze=False)
     colors = plt.get_cmap("tab10")
+    configurations = sorted(configurations, key=lambda c: values_order([c["params"].get(p) for p in swept]))
     for index, configuration in enumerate(configurations):
-        for ax, (stage, metrics) in zip(axes[0], loss_curves(client, configuration).items()):
+        curves = loss_curves(client, configuration)
+        for ax, (stage, axis) in zip(axes[0], PANELS):
+            if stage not in curves or (axis == "tokens" and "tokens_per_step" not in curves[stage]):
+                continue
+            scale = curves[stage]["tokens_per_step"] if axis == "tokens" else 1
             for metric, style in zip(CURVES[stage], ("-", "--")):
-                steps, values = metrics[metric]
+                steps, values = curves[stage][metric]
                 name = label(configuration, swept) if metric == "train_loss" else None
-                ax.plot(steps, values, style, marker=".", color=colors(index % 10), label=name)
-    for ax, stage in zip(axes[0], CURVES):
-        ax.set(title=f"{stage}: train (solid), validation (dashed)", xlabel="step", ylabel="loss")
+                ax.plot([s * scale for s in steps], values, style, marker=".", color=colors(index % 10), label=name)
+    for ax, (stage, axis) in zip(axes[0], PANELS):
+        xlabel = "tokens trained on" if axis == "tokens" else "optimizer step"
+        ax.set(title=f"{stage}: train (solid), validation (dashed)", xlabel=xlabel, ylabel=LOSS_UNIT)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if not ax.lines:
+            ax.text(0.5, 0.5, f"no finished {stage} run", transform=ax.transAxes, ha="center", color="gray")
+    axes[0][0].legend(fontsize=8, title=None if swept else "run key")
     fig.tight_layout()
+    save(fig, path)
+
+
+def save(fig, path: Path) -> None:
+    """SVG for `snakemake --report`, PNG beside it for a quick look (and MLflow's artifact preview)."""
+    import matplotlib.pyplot as plt
+
     fig.savefig(path)
+    fig.savefig(path.with_suffix(".png"), dpi=100)
     plt.close(fig)
 
 
@@ -82,15 +133,25 @@ def plot_metrics_vs_params(configurations: list[dict], swept: list[str], path: P
             values = [c["params"].get(param) for c in configurations]
             numeric = all(runs.as_number(v) is not None for v in values)
             xs = [runs.as_number(v) for v in values] if numeric else [str(v) for v in values]
-            points = sorted((x, c["metrics"][metric]) for x, c in zip(xs, configurations) if metric in c["metrics"])
-            ax.plot([x for x, _ in points], [y for _, y in points], "o-")
+            # One line per combination of the other swept params' values: joining configurations that differ
+            # in those too would zig-zag between them.
+            others = [p for p in swept if p != param]
+            lines = defaultdict(list)  # the other params' values -> points
+            for x, c in zip(xs, configurations):
+                if metric in c["metrics"]:
+                    lines[tuple(c["params"].get(p) for p in others)].append((x, c["metrics"][metric]))
+            for rest in sorted(lines, key=values_order):
+                points = sorted(lines[rest])
+                name = ", ".join(f"{p}={v}" for p, v in zip(others, rest))
+                ax.plot([x for x, _ in points], [y for _, y in points], "o-", label=name or None)
             if numeric and min(xs) > 0 and max(xs) / min(xs) >= 10:
                 ax.set_xscale("log")
-            ax.set(title=metric, xlabel=param)
+            ax.set(title=metric, xlabel=param, ylabel=metric_unit(metric))
             ax.grid(alpha=0.3)
+            if others:
+                ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save(fig, path)
 
 
 def configurations_rst(experiment: str, configurations: list[dict]) -> str:
@@ -136,12 +197,16 @@ def main() -> None:
     configurations = runs.load_configurations(uri, experiment)
     swept = runs.swept_params(configurations)
     out.mkdir(parents=True, exist_ok=True)
-    plot_loss_curves(MlflowClient(tracking_uri=uri), configurations, swept, out / "loss_curves.svg")
+    client = MlflowClient(tracking_uri=uri)
+    plot_loss_curves(client, configurations, swept, out / "loss_curves.svg")
     plot_metrics_vs_params(configurations, swept, out / "metrics_vs_params.svg")
     (out / "configurations.rst").write_text(configurations_rst(experiment, configurations))
     header, rows = runs.table(configurations)
     with open(out / "runs.csv", "w", newline="") as f:
         runs.write_csv(f, header, runs.sort_rows(rows, 0))
+    with history.store_lock(uri):  # the comparison on each configuration's run, where the UI shows it
+        for configuration in configurations:
+            client.log_artifacts(configuration["run_id"], str(out), artifact_path="comparison")
     print(f"{len(configurations)} configurations of {experiment}, swept: {', '.join(swept) or 'nothing'}")
 
 
