@@ -9,7 +9,17 @@ for stage_name in lmplan.STAGES:
         input:
             unpack(stage_inputs(stage_name)),
         output:
-            directory(stage_dir(stage_name)),
+            # The scaling fit's plot goes into `snakemake --report` (the comparison's plots do, from rule compare).
+            (
+                report(
+                    directory(stage_dir(stage_name)),
+                    patterns=["loss_vs_compute.png"],
+                    caption="../report/scaling.rst",
+                    category="Scaling",
+                )
+                if stage_name == "scaling"
+                else directory(stage_dir(stage_name))
+            ),
         params:
             **stage_params(stage_name),
         log:
