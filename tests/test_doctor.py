@@ -240,6 +240,43 @@ def test_misspelt_partition_fails(slurm_cluster, tmp_path):
     assert "resources.pretrain.partition=gpu" in proc.stdout  # the fix suggests the close match
 
 
+@pytest.mark.slurm
+def test_requests_the_cluster_would_refuse_fail_naming_the_stage(slurm_cluster, tmp_path):
+    # MaxTime of the test partitions is 120 min; the test node has no feature "a100"; a qos of its own is fine.
+    proc = _doctor(tmp_path, "resources.evaluate.runtime=999", "resources.tokenizer.constraint='a100&ib'")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert _lines(proc.stdout)["job requests"] == "FAIL", proc.stdout
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("[FAIL] job requests"))
+    assert "evaluate (" in line and "--time=999" in line and "time limit" in line.lower(), line
+    assert "tokenizer (" in line and "--constraint=a100&ib" in line and "feature" in line.lower(), line
+    assert "curate" not in line and "pretrain" not in line  # the requests the cluster takes are not named
+
+
+def test_sbatch_options_are_the_plugins_flags():
+    stage = doctor.plan.stages(
+        _context(
+            "resources.pretrain.gpus=2",
+            "resources.pretrain.gpu_model=a100",
+            "train.processes=2",
+            "resources.pretrain.account=lab",
+            "resources.pretrain.qos=long",
+        ).cfg
+    )["pretrain"]
+    options = doctor.sbatch_options(doctor.slurm_resources(stage))
+    assert {"--account=lab", "--qos=long", "--gpus=a100:2", "--ntasks=2", "--ntasks-per-gpu=1"} <= set(options)
+    assert "--time=120" in options and "--signal=URG@120" in options
+
+
+def test_a_left_build_lock_is_named_with_how_to_clear_it(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    (tmp_path / "deepspeed_shm_comm").mkdir()
+    (tmp_path / "deepspeed_shm_comm" / "lock").touch()
+    status, seen, fix = doctor.check_deepspeed_ops(_context())
+    assert status == doctor.FAIL and str(tmp_path / "deepspeed_shm_comm" / "lock") in seen and "delete" in fix
+    (tmp_path / "deepspeed_shm_comm" / "lock").unlink()
+    assert doctor.check_deepspeed_ops(_context())[0] == doctor.WARN  # nothing built there either
+
+
 # --- checks against a faked cluster (paths the single-node test cluster cannot show) ---------
 
 

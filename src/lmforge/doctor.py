@@ -33,8 +33,9 @@ from pathlib import Path
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
-from lmforge import config, plan, schema, sweep
+from lmforge import config, ops, plan, schema, sweep
 from lmforge.tracking import tracking_uri
+from lmforge.workflow import slurm_resources
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
 Result = tuple[str, str, str | None]  # (status, what was seen, how to fix it)
@@ -318,8 +319,8 @@ def check_sacct(ctx: Context) -> Result:
     shown = f"{age}s" if age is not None else f"unknown ({text.strip()})" if code else "unknown"
     seen = f"sacct fails ({out.strip()}); MinJobAge={shown}, status-check delay {delay}s"
     fix = (
-        "the profile uses `slurm-status-command: squeue`, which needs MinJobAge >= 3x the status-check delay "
-        f"(slurm-init-seconds-before-status-checks in {PROFILE}); check `scontrol show config | grep MinJobAge`"
+        f"without accounting set `slurm-status-command: squeue` in {PROFILE}; it needs MinJobAge >= 3x the "
+        "status-check delay (slurm-init-seconds-before-status-checks); `scontrol show config | grep MinJobAge`"
     )
     if age is None or age < 3 * delay:  # the plugin then falls back to the failing sacct and never sees jobs end
         return FAIL, seen, fix
@@ -440,12 +441,65 @@ CHECKS: list[tuple[str, Callable[[Context], Result]]] = [
 
 def run_checks(ctx: Context) -> list[tuple[str, Result]]:
     results = []
+def sbatch_options(resources: dict) -> list[str]:
+    """The sbatch options of one job's resources (workflow.slurm_resources), as the Slurm plugin submits them."""
+    flags = {
+        "slurm_partition": "--partition",
+        "slurm_account": "--account",
+        "qos": "--qos",
+        "constraint": "--constraint",
+        "runtime": "--time",
+        "mem_mb": "--mem",
+        "cpus_per_task": "--cpus-per-task",
+        "nodes": "--nodes",
+        "tasks": "--ntasks",
+        "tasks_per_gpu": "--ntasks-per-gpu",
+    }
+    options = [f"{flag}={resources[key]}" for key, flag in flags.items() if key in resources]
+    if resources.get("gpu"):
+        model = f"{resources['gpu_model']}:" if resources.get("gpu_model") else ""
+        options.append(f"--gpus={model}{resources['gpu']}")
+    return options + resources.get("slurm_extra", "").split()
+
+
+def check_submission(ctx: Context) -> Result:
+    """`sbatch --test-only` for each distinct request of the planned jobs: what the cluster would refuse."""
+    if shutil.which("sbatch") is None:
+        return WARN, "not checked: no sbatch", "see the slurm commands check"
+    requests: dict[tuple, list[str]] = {}
+    for cfg in ctx.cfgs:
+        for stage in plan.stages(cfg).values():
+            options = tuple(sbatch_options(slurm_resources(stage)))
+            requests.setdefault(options, []).append(stage.name)
+    refused = []
+    for options, names in requests.items():
+        status, out = _run(["sbatch", "--test-only", *options, "--wrap", "true"])
+        if status != 0:
+            refused.append(f"{', '.join(dict.fromkeys(names))} ({' '.join(options)}): {out.strip()}")
+    if refused:
+        return FAIL, "; ".join(refused), "change resources.<stage>.* (conf/resources/default.yaml or overrides)"
+    return OK, f"sbatch --test-only accepts all {len(requests)} distinct job requests", None
+
+
+def check_deepspeed_ops(ctx: Context) -> Result:
+    directory = ops.extensions_dir()
+    stale = ops.describe_locks(directory)
+    if stale:
+        return FAIL, "; ".join(stale), "delete the lock file once no build runs, then `python -m lmforge.ops`"
+    built = sorted(path.parent.name for path in directory.glob("*/*.so"))
+    if not built:
+        return WARN, f"no DeepSpeed op built in {directory}", "run `python -m lmforge.ops` (env/setup.sh does)"
+    return OK, f"built in {directory}: {', '.join(built)}", None
+
+
     for name, check in CHECKS:
         try:
             result = check(ctx)
         except Exception as err:  # a broken check must not hide the others
             result = (FAIL, f"check crashed: {type(err).__name__}: {err}", "report this as an lmforge bug")
         results.append((name, result))
+    ("job requests", check_submission),
+    ("deepspeed ops", check_deepspeed_ops),
         print(format_result(name, result), flush=True)
     return results
 

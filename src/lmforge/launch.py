@@ -9,12 +9,20 @@ The Snakemake rule asks Slurm for N tasks, so this command itself runs once.
 Slurm's walltime warning (SIGURG) may come while the stage is still importing torch, before the training
 loop has its handler, and an unhandled SIGURG is dropped. It is blocked here instead: a blocked signal stays
 pending through exec, and train_loop.StopRequested unblocks it once its handler is in place.
+
+DeepSpeed's compiled ops come from this environment's own directory (lmforge.ops), and a build lock left
+there by a killed job is named in the stage's log before the stage would wait on it.
 """
 
+import logging
 import os
 import shutil
 import signal
 import sys
+
+from lmforge import ops
+
+log = logging.getLogger("lmforge.launch")
 
 
 def main() -> None:
@@ -35,9 +43,13 @@ def main() -> None:
             module,
             *args,
         ]
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(ops.extensions_dir())
+    for lock in ops.describe_locks():
+        log.warning(lock)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGURG})
     os.execvp(command[0], command)
 
 
 if __name__ == "__main__":
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     main()

@@ -57,6 +57,10 @@ NAME = matches(r"(?!\.{1,2}$)[A-Za-z0-9._-]+", "letters, digits and . _ - only (
 PATH = matches(r"(?!-)[A-Za-z0-9._/+,@=:-]+", "a path of letters, digits and . _ / + , @ = : - only")
 PARTITIONS = matches(r"[A-Za-z0-9._-]+(,[A-Za-z0-9._-]+)*", "Slurm partition names, comma-separated")
 
+SLURM_NAME = matches(r"[A-Za-z0-9._-]+", "a Slurm account or QOS name: letters, digits and . _ - only")
+# Node features joined by Slurm's operators (sbatch --constraint): a100&ib, [rack1|rack2], gpu*2.
+CONSTRAINT = matches(r"[A-Za-z0-9._,&|\[\]*:()-]+", "Slurm node features and the operators & | , [ ] * : ( ) only")
+GPU_MODEL = matches(r"[A-Za-z0-9_.]+", "a GPU type as the cluster's gres names it (a100, h100_80gb): letters, digits, _ .")
 
 @dataclass
 class TaskConfig:
@@ -195,8 +199,14 @@ class StageResources:
     gpus: int = setting(0, at_least(0))
     nodes: int = setting(1, at_least(1))
     partition: str | None = setting(None, PARTITIONS)
-    # Training stages: Slurm sends SIGURG this many seconds before the walltime; the loop checkpoints and exits.
-    signal_before_end_s: int | None = setting(None, at_least(1))
+    account: str | None = setting(None, SLURM_NAME)  # sbatch -A, where the cluster charges an account
+    qos: str | None = setting(None, SLURM_NAME)
+    constraint: str | None = setting(None, CONSTRAINT)  # sbatch -C: node features
+    gpu_model: str | None = setting(None, GPU_MODEL)  # with gpus: --gpus=<model>:<n>
+    # Training stages: Slurm sends SIGURG this many seconds before the walltime; the loop checkpoints and
+    # requeues its job. slurmctld looks at time limits every 30 s and sends no warning it finds late (seen
+    # with Slurm 22.05: @5 was never sent), so less than 30 s may never come.
+    signal_before_end_s: int | None = setting(None, at_least(30))
 
 
 @dataclass

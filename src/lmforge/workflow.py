@@ -84,8 +84,16 @@ def slurm_resources(stage: Stage) -> dict:
     resources = {"mem_mb": res.mem_mb, "runtime": res.runtime, "cpus_per_task": res.cpus, "nodes": res.nodes}
     if res.gpus:
         resources["gpu"] = res.gpus * res.nodes  # `gpus` is per node; Slurm's --gpus counts the whole job
-    if res.partition:
-        resources["slurm_partition"] = res.partition
+    # By the plugin's names; it quotes each value on the sbatch line.
+    for setting, resource in (
+        ("partition", "slurm_partition"),
+        ("account", "slurm_account"),
+        ("qos", "qos"),
+        ("constraint", "constraint"),
+        ("gpu_model", "gpu_model"),
+    ):
+        if getattr(res, setting) and (setting != "gpu_model" or res.gpus):
+            resources[resource] = getattr(res, setting)
     if stage.processes > 1:
         # N Slurm tasks, and the plugin's MPI path: the command runs once and lmforge.launch starts the tasks.
         resources.update(tasks=stage.processes, mpi="srun")
