@@ -16,6 +16,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "run": ("lmforge.workflow", "run the pipeline through Snakemake, with Hydra overrides as separate words"),
     "config": ("lmforge.config", "print the composed configuration (Hydra's --cfg job), or write the stage configs"),
     "doctor": ("lmforge.doctor", "preflight checks of the cluster and a config before submitting"),
+    "status": ("lmforge.status", "which stages have run, and which ran older code than today's (with how to rerun)"),
     "runs": ("lmforge.runs", "a sweep's configurations: the params that differ and the key metrics"),
 }
 

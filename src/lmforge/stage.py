@@ -70,9 +70,22 @@ def code_version() -> dict:
         "git_commit": commit.strip() if commit else None,
         "git_dirty": bool(status.strip()) if status is not None else None,
     }
+        "files": code_files(),
 
 
 def package_version(name: str) -> str | None:
+def code_files() -> dict[str, str]:
+    """The lmforge modules this process has imported, by file name under the package, and their hashes: the
+    code a stage ran, which `lmforge status` compares with the code of today (keys hash config, not code)."""
+    package = Path(__file__).resolve().parent
+    files = {}
+    for module in list(sys.modules.values()):  # the stage itself among them, as __main__
+        path = getattr(module, "__file__", None)
+        if path and Path(path).resolve().is_relative_to(package):
+            files[Path(path).resolve().relative_to(package).as_posix()] = sha256_file(Path(path))[:16]
+    return dict(sorted(files.items()))
+
+
     try:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
