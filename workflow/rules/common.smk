@@ -9,6 +9,17 @@ from lmforge import plan as lmplan
 from lmforge import sweep as lmsweep
 from lmforge import watch as lmwatch
 from lmforge import workflow as lmworkflow
+from snakemake.settings.types import DeploymentMethod
+
+# Every job runs the interpreter that runs Snakemake (stage_command): the venv of env/setup.sh, or a conda
+# environment made from env/environment.yml, on the filesystem the nodes share. The rules' `conda:` names
+# that stack; an environment Snakemake would build for them has no lmforge in it and would go unused.
+if workflow.deployment_settings.deployment_method & {DeploymentMethod.CONDA, DeploymentMethod.APPTAINER}:
+    raise WorkflowError(
+        "lmforge's jobs run in the environment that runs Snakemake: drop --sdm/--software-deployment-method, "
+        "and start Snakemake from the venv (bash env/setup.sh) or from a conda environment made with "
+        "`conda env create -f env/environment.yml` (README: Deployment)."
+    )
 
 
 def hydra_overrides():
