@@ -59,7 +59,7 @@ TINY = [
     "eval.max_task_examples=8",
     "eval.max_test_documents=3",
     "eval.max_new_tokens=6",
-    "eval.few_shot=1",
+    "eval.num_shots=1",
 ]
 
 

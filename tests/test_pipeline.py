@@ -149,6 +149,52 @@ def test_mlflow_has_a_parent_run_and_one_child_per_stage(pipeline):
 
 
 @pytest.mark.e2e
+def test_evaluation_shows_learning_forgetting_and_harness_scores(pipeline):
+    results = pipeline / "results"
+    [evaluation] = (results / "evaluate").iterdir()
+    report = json.loads((evaluation / "results.json").read_text())
+    models = report["models"]
+    # What fine-tuning taught, where exact match cannot show it: the answer costs fewer bits than in context.
+    tuned = models["finetune"]["tasks"]["docstring_to_name"]["chat"]["answer_bits_per_byte"]
+    before = models["pretrain"]["tasks"]["docstring_to_name"]
+    assert tuned < before["zero_shot"]["answer_bits_per_byte"] and tuned < before["few_shot"]["answer_bits_per_byte"]
+    assert report["num_shots"] == 1 and len(report["shots"]["docstring_to_name"]) == 1
+
+    forgetting = report["forgetting"]
+    rows = {row["model"]: row for row in forgetting["rows"]}
+    assert list(rows) == ["baseline", "pretrain", "finetune", "quantize"]
+    assert [row["fine_tuned"] for row in rows.values()] == [False, False, True, True]
+    assert [rows[m]["docstring_to_name.prompting"] for m in rows] == ["first_word", "few_shot", "chat", "chat"]
+    choice = "harness.lmforge_docstring_to_name_choice.acc"
+    generate = "harness.lmforge_docstring_to_name_generate.exact_match_first_identifier"
+    columns = ["test_bits_per_byte", "docstring_to_name.answer_bits_per_byte", "docstring_to_name.exact_match_greedy"]
+    assert set(columns) | {choice, generate} <= set(forgetting["columns"])
+    for name, row in rows.items():
+        assert row["test_bits_per_byte"] == models[name]["test_bits_per_byte"]
+        if name != "baseline":
+            assert row[choice] == models[name]["harness"]["lmforge_docstring_to_name_choice"]["acc"]
+    assert rows["baseline"]["docstring_to_name.answer_bits_per_byte"] is None and rows["baseline"][choice] is None
+    harness_scores = models["finetune"]["harness"]["lmforge_docstring_to_name_choice"]
+    assert harness_scores["examples"] == report["task_examples"]["docstring_to_name"] > 0
+    assert 0 <= harness_scores["acc"] <= 1 and harness_scores["acc_stderr"] > 0
+    assert "| model | fine_tuned | test_bits_per_byte |" in (evaluation / "forgetting.md").read_text()
+
+    db = sqlite3.connect(results / "mlflow.db")
+    [run] = [r for (r,) in db.execute("select run_uuid from runs where name = 'evaluate' and status = 'FINISHED'")]
+    params = dict(db.execute("select key, value from params where run_uuid = ?", (run,)).fetchall())
+    assert (params["seed"], params["eval.num_shots"], params["eval.sampling.temperature"]) == ("1234", "1", "0.8")
+    logged = dict(db.execute("select key, value from latest_metrics where run_uuid = ?", (run,)).fetchall())
+    assert logged["finetune.harness.lmforge_docstring_to_name_choice.acc_stderr"] == harness_scores["acc_stderr"]
+    assert logged["finetune.tasks.docstring_to_name.chat.answer_bits_per_byte"] == pytest.approx(tuned)
+    assert "forgetting.test_bits_per_byte" in logged
+
+    [card] = (results / "card").iterdir()
+    readme = (card / "model" / "README.md").read_text()
+    assert "answer_bits_per_byte" in readme and "acc_stderr" in readme  # the model-index
+    assert "| fine-tuned | docstring_to_name | chat template |" in readme and "1-shot" in readme
+
+
+@pytest.mark.e2e
 def test_snakemake_report_holds_the_comparison_plots_and_their_configurations(pipeline):
     report = pipeline / "report.html"
     run = snakemake(pipeline, "--report", str(report))

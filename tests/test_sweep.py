@@ -21,7 +21,7 @@ from tests.stages import TINY, job_counts
 # One CPU a job, so that 2 cores run two jobs at once: most of a tiny job is Python starting up.
 ONE_CPU = [f"resources.{stage}.cpus=1" for stage in ("pretrain", "finetune", "evaluate")]
 BASE = ["data.max_documents=120", *TINY, *ONE_CPU]
-GRID = ["train.lr=1e-3,3e-3", "eval.few_shot=0,1"]
+GRID = ["train.lr=1e-3,3e-3", "eval.num_shots=0,1"]
 # The scaling sweep's own model ladder and train.steps stay; the rest of TINY keeps it small.
 SCALING = [
     *(o for o in BASE if not o.startswith(("model.", "train.steps="))),
@@ -49,6 +49,19 @@ def test_a_sweep_is_the_cartesian_product_and_shares_upstream_stages():
     # A configuration of the sweep is the configuration itself: same keys as planning it alone.
     alone = planning.stages(config.load(["train.lr=3e-4", "finetune=lora"]))
     assert {name: stage.key for name, stage in plan.runs[3].items()} == {n: s.key for n, s in alone.items()}
+
+
+def test_a_sweep_over_evaluation_settings_trains_once_and_evaluates_each_setting():
+    plan = sweep.plan(["eval.num_shots=0,1,5", "eval.sampling.temperature=0.5,1.0"])
+    jobs = {name: len(stages) for name, stages in plan.stages.items()}
+    assert jobs.pop("evaluate") == jobs.pop("card") == 6  # the card shows its configuration's evaluation
+    assert jobs["pretrain"] == 1 and set(jobs.values()) == {1}  # every model is trained once, for all six
+    settings = {
+        (run["evaluate"].config["eval"]["num_shots"], run["evaluate"].config["eval"]["sampling"]["temperature"])
+        for run in plan.runs
+    }
+    assert settings == {(shots, t) for shots in (0, 1, 5) for t in (0.5, 1.0)}
+    assert {run["evaluate"].config["seed"] for run in plan.runs} == {1234}  # the seed is in every evaluation's config
 
 
 def test_no_sweep_is_one_configuration_without_a_sweep_id():
@@ -141,7 +154,7 @@ def two_by_two(results):
         missing_after_first=[run["card"].key for run in plan.runs if not Path(run["card"].dir).exists()],
         dry=snakemake(results, [*BASE, *GRID], "-n"),
         rerun=snakemake(results, [*BASE, *GRID]),
-        grown=snakemake(results, [*BASE, "train.lr=1e-3,3e-3,1e-2", "eval.few_shot=0,1"], "-n"),
+        grown=snakemake(results, [*BASE, "train.lr=1e-3,3e-3,1e-2", "eval.num_shots=0,1"], "-n"),
     )
 
 

@@ -90,7 +90,9 @@ def main(cfg: StageConfig, out: Path, tracker) -> dict:
     metrics = heldout.language_model_metrics(nats, sum(len(d) - 1 for d in docs), sum(len(t.encode()) for t in texts))
 
     pairs = heldout.task_pairs(curated, "test")
-    metrics["task_exact_match"] = heldout.exact_match([first_word_guess(p["docstring"]) for p in pairs], pairs)
+    metrics["task_exact_match"] = heldout.exact_match(
+        [first_word_guess(p["docstring"]) for p in pairs], [p["name"] for p in pairs]
+    )
     metrics["task_examples"] = len(pairs)
     metrics["ngram_order"] = base_cfg.order
     return metrics

@@ -17,38 +17,81 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData, try_to_load_from_cache
 
 from lmforge import evaluate, finetune, plan, pretrain, quantize, stage
+from lmforge.heldout import BUILT_IN
 from lmforge.schema import DataConfig, FinetuneConfig, StageConfig, stage_config
 
-ROWS = [  # (label, model key, prompting whose exact match the table shows)
-    ("n-gram baseline", "baseline", None),
-    ("pretrained", "pretrain", "few_shot"),
-    ("fine-tuned", "finetune", "chat"),
-    ("fine-tuned, int8", "quantize", "chat"),
-]
-NOT_FINETUNED_ROWS = [*ROWS[:2], ("pretrained, int8", "quantize", "few_shot")]
+LABELS = {"baseline": "n-gram baseline", "base": "base model", "pretrain": "pretrained", "finetune": "fine-tuned"}
+PROMPTINGS = {"first_word": "first-word heuristic", "zero_shot": "zero-shot", "chat": "chat template"}
 
 
-def with_error(metrics: dict, key: str) -> str:
-    """A rate with its standard error; n/a for a rate over no examples (None)."""
-    if metrics[key] is None:
+def label(name: str, fine_tuned: bool) -> str:
+    return ("fine-tuned, int8" if fine_tuned else "pretrained, int8") if name == "quantize" else LABELS[name]
+
+
+def prompting_label(prompting: str, num_shots: int) -> str:
+    return f"{num_shots}-shot" if prompting == "few_shot" else PROMPTINGS[prompting]
+
+
+def with_error(metrics: dict | None, key: str) -> str:
+    """A value with its standard error where it has one; n/a for a metric over no examples (None)."""
+    value = (metrics or {}).get(key)
+    if value is None:
         return "n/a"
-    return f"{metrics[key]:.3f} ± {metrics[key + '_stderr']:.3f}"
+    error = metrics.get(f"{key}_stderr")
+    return f"{value:.3f}" if error is None else f"{value:.3f} ± {error:.3f}"
+
+
+def harness_metrics(results: dict) -> list[tuple[str, str]]:
+    """(task, metric) of every harness score, standard errors aside (they go beside their metric)."""
+    found = {}
+    for model in results["models"].values():
+        for task, scores in model.get("harness", {}).items():
+            for metric in scores or {}:
+                if metric != "examples" and not metric.endswith("_stderr"):
+                    found[(task, metric)] = None
+    return list(found)
 
 
 def evaluation_table(results: dict) -> str:
+    """The forgetting table: every model, before (the base) and after fine-tuning, on the pretraining corpus's
+    test split and on each task (fine-tuned models in their chat template, the others few-shot)."""
+    tasks = list(results["task_examples"])
+    harness = harness_metrics(results)
+    header = ["model", "test bits/byte", "test perplexity"]
+    header += [f"{task}: {what}" for task in tasks for what in ("prompting", "answer bits/byte", "exact match")]
+    header += [f"{task}: {metric}" for task, metric in harness]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in results["forgetting"]["rows"]:
+        m = results["models"][row["model"]]
+        cells = [label(row["model"], row["fine_tuned"]), f"{m['test_bits_per_byte']:.3f}"]
+        cells.append(f"{m['test_perplexity']:.2f}")
+        for task in tasks:
+            prompting = row[f"{task}.prompting"]
+            scores = m["tasks"][task][prompting]
+            cells += [prompting_label(prompting, results["num_shots"]), with_error(scores, "answer_bits_per_byte")]
+            cells.append(with_error(scores, "exact_match_greedy"))
+        cells += [with_error(m.get("harness", {}).get(task), metric) for task, metric in harness]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def prompting_table(results: dict) -> str:
+    """Each task's metrics for every model and prompting: in-context learning (zero-shot against few-shot)
+    beside what fine-tuning taught, greedy decoding beside sampling."""
     lines = [
-        "| model | test bits/byte | test perplexity | exact match, greedy | exact match, sampled |",
-        "|---|---|---|---|---|",
+        "| model | task | prompting | answer bits/byte | exact match, greedy | exact match, sampled |",
+        "|---|---|---|---|---|---|",
     ]
-    for label, key, prompting in ROWS if "finetune" in results["models"] else NOT_FINETUNED_ROWS:
-        m = results["models"][key]
-        if prompting is None:
-            heuristic = with_error(m, "task_exact_match")
-            greedy, sampled = (heuristic if heuristic == "n/a" else f"{heuristic} (first-word heuristic)"), "n/a"
-        else:
-            greedy = with_error(m, f"task_exact_match_{prompting}_greedy")
-            sampled = with_error(m, f"task_exact_match_{prompting}_sampled")
-        lines.append(f"| {label} | {m['test_bits_per_byte']:.3f} | {m['test_perplexity']:.2f} | {greedy} | {sampled} |")
+    for row in results["forgetting"]["rows"]:
+        if row["model"] == "baseline":
+            continue
+        for task, promptings in results["models"][row["model"]]["tasks"].items():
+            for prompting in (p for p in ("zero_shot", "few_shot", "chat") if p in promptings):
+                scores = promptings[prompting]
+                cells = [label(row["model"], row["fine_tuned"]), task, prompting_label(prompting, results["num_shots"])]
+                cells += [with_error(scores, key) for key in ("answer_bits_per_byte", "exact_match_greedy")]
+                cells.append(with_error(scores, "exact_match_sampled"))
+                lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -112,26 +155,41 @@ def link_tree(source: Path, target: Path) -> None:
             shutil.copy2(path, target / path.name)
 
 
-def model_index(data_cfg: DataConfig, shipped: dict, prompting: str) -> list[EvalResult]:
-    """The Hub's evaluation results of the shipped model: bits per byte, and the task's exact match where it has
-    test pairs."""
+def model_index(data_cfg: DataConfig, results: dict, shipped_stage: str) -> list[EvalResult]:
+    """The Hub's evaluation results of the shipped model: bits per byte on the corpus's test split, each task's
+    answer bits/byte and exact match (where it has test examples), each harness score; a standard error is
+    an entry of its own (metric type `<metric>_stderr`), as lm-evaluation-harness reports it."""
+    shipped = results["models"][shipped_stage]
+    row = next(r for r in results["forgetting"]["rows"] if r["model"] == shipped_stage)
 
-    def result(metric_type: str, metric_name: str, value: float) -> EvalResult:
-        return EvalResult(
-            task_type="text-generation",
-            dataset_type=data_cfg.name,
-            dataset_name=f"{data_cfg.name} test split",
-            metric_type=metric_type,
-            metric_name=metric_name,
-            metric_value=value,
-        )
+    def entries(dataset: str, metric_type: str, metric_name: str, scores: dict) -> list[EvalResult]:
+        found = []
+        for suffix in ("", "_stderr"):
+            value = scores.get(metric_type + suffix)
+            if value is not None:
+                found.append(
+                    EvalResult(
+                        task_type="text-generation",
+                        dataset_type=dataset,
+                        dataset_name=dataset,
+                        dataset_split="test",
+                        metric_type=metric_type + suffix,
+                        metric_name=metric_name + (" (standard error)" if suffix else ""),
+                        metric_value=value,
+                    )
+                )
+        return found
 
-    exact_match = [
-        result("exact_match", f"docstring->name exact match ({decoding})", value)
-        for decoding in ("greedy", "sampled")
-        if (value := shipped[f"task_exact_match_{prompting}_{decoding}"]) is not None
-    ]
-    return [*exact_match, result("bits_per_byte", "test bits per byte", shipped["test_bits_per_byte"])]
+    found = entries(data_cfg.name, "test_bits_per_byte", "test bits per byte", shipped)
+    for task, promptings in shipped["tasks"].items():
+        prompting = row[f"{task}.prompting"]
+        scores = promptings[prompting]
+        found += entries(task, "answer_bits_per_byte", f"answer bits per byte ({prompting})", scores)
+        for decoding in ("greedy", "sampled"):
+            found += entries(task, f"exact_match_{decoding}", f"exact match, {decoding} ({prompting})", scores)
+    for task, metric in harness_metrics(results):
+        found += entries(task, metric, f"{metric} (lm-evaluation-harness)", shipped.get("harness", {}).get(task) or {})
+    return found
 
 
 def main(cfg: StageConfig, out: Path, tracker) -> dict:
@@ -141,8 +199,7 @@ def main(cfg: StageConfig, out: Path, tracker) -> dict:
     data_cfg = stage_config(manifests["curate"]["config"]).data
     sampling = results["sampling"]
     finetuned = "finetune" in inputs  # not with finetune=none: the pretrained model is shipped
-    shipped_stage, prompting = ("finetune", "chat") if finetuned else ("pretrain", "few_shot")
-    shipped = results["models"][shipped_stage]
+    shipped_stage = "finetune" if finetuned else "pretrain"
     shipped_dir = finetune.model_dir(inputs["finetune"]) if finetuned else pretrain.model_dir(inputs["pretrain"])
 
     card_data = ModelCardData(
@@ -152,7 +209,7 @@ def main(cfg: StageConfig, out: Path, tracker) -> dict:
         library_name="transformers",
         pipeline_tag="text-generation",
         tags=["lmforge", "deepspeed"],
-        eval_results=model_index(data_cfg, shipped, prompting),
+        eval_results=model_index(data_cfg, results, shipped_stage),
     )
     pretrain_raw = manifests["pretrain"]["config"]
     training_configs = {"model": pretrain_raw["model"], "pretrain": pretrain_raw["train"]}
@@ -184,11 +241,28 @@ def main(cfg: StageConfig, out: Path, tracker) -> dict:
         usage = 'prompt = tokenizer("The", return_tensors="pt").input_ids'
     training = yaml.safe_dump(training_configs, sort_keys=False)
     evaluation = evaluation_table(results)
+    if results["task_examples"]:
+        evaluation += f"\n\n{prompting_table(results)}"
+    examples = "".join(f"{task}: {n} test examples, " for task, n in results["task_examples"].items())
+    shots = f" and with {results['num_shots']} examples of each task's train split" if results["num_shots"] else ""
+    prompting = (
+        f" Models before fine-tuning are prompted zero-shot{shots}; fine-tuned models in their chat template. "
+        "Answer bits/byte: the answer's negative log-likelihood after its prompt, in bits per UTF-8 byte of the answer."
+        if results["task_examples"]
+        else ""
+    )
+    harness_run = results["harness"]
+    harness_shots = "each task's own number of" if harness_run["num_fewshot"] is None else harness_run["num_fewshot"]
+    harness_limit = "all examples" if harness_run["limit"] is None else f"{harness_run['limit']} examples a task"
+    harness_note = (
+        f" lm-evaluation-harness: {', '.join(harness_run['tasks'])}, {harness_shots} shots, {harness_limit}."
+        if harness_run["tasks"]
+        else ""
+    )
     settings = (
         f"Seed {results['seed']}. Greedy decoding and sampling with temperature {sampling['temperature']}, top-k "
         f"{sampling['top_k']}, top-p {sampling['top_p']}, at most {results['greedy']['max_new_tokens']} new tokens; "
-        f"{results['task_examples']} test pairs, {results['test_documents']} test documents ({results['test_bytes']} bytes). "
-        f"The pretrained model is prompted with {results['few_shot']} examples."
+        f"{examples}{results['test_documents']} test documents ({results['test_bytes']} bytes).{prompting}{harness_note}"
     )
     if data_cfg.source == "stdlib" and finetuned:
         limitations = (
@@ -268,8 +342,8 @@ Byte-level BPE, vocabulary {tokenizer_metrics["vocab_size"]}, trained on the tra
 """
     )
     tracker.log_artifacts([out / "model" / "README.md", out / "datasheet.md"])
-    greedy = shipped[f"task_exact_match_{prompting}_greedy"]
-    return {"finetune_exact_match_greedy": greedy} if finetuned else {}
+    built_in = results["models"]["finetune"]["tasks"].get(BUILT_IN, {}).get("chat", {}) if finetuned else {}
+    return {"finetune_exact_match_greedy": built_in["exact_match_greedy"]} if built_in else {}
 
 
 if __name__ == "__main__":

@@ -13,8 +13,27 @@ def test_documents(curated: str, limit: int | None = None) -> list[str]:
     return texts[:limit]
 
 
+BUILT_IN = "docstring_to_name"  # the built-in task: a docstring's function name
+
+
 def task_pairs(curated: str, split: str, limit: int | None = None) -> list[dict]:
     return load_split(curated, "task", split).to_list()[:limit]
+
+
+def task_examples(curated: str, split: str, limit: int | None = None) -> dict[str, list[list[dict]]]:
+    """Each task's examples as conversations, the last message the answer: the built-in task's pairs as a user
+    turn (the docstring) and the assistant's answer (the name), as fine-tuning sees them."""
+    pairs = task_pairs(curated, split, limit)
+    return {
+        BUILT_IN: [
+            [{"role": "user", "content": p["docstring"]}, {"role": "assistant", "content": p["name"]}] for p in pairs
+        ]
+    }
+
+
+def answer_of(task: str, generated: str) -> str:
+    """What a generation answers: the built-in task's first identifier, another task's text."""
+    return identifier(generated) if task == BUILT_IN else generated.strip()
 
 
 def document_token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
@@ -27,7 +46,7 @@ def language_model_metrics(total_nats: float, n_tokens: int, n_bytes: int) -> di
     """Perplexity per token, and bits per UTF-8 byte, which compares models with different tokenizers."""
     return {
         "test_perplexity": math.exp(total_nats / n_tokens),
-        "test_bits_per_byte": total_nats / math.log(2) / n_bytes,
+        "test_bits_per_byte": bits_per_byte(total_nats, n_bytes),
         "test_tokens": n_tokens,
         "test_bytes": n_bytes,
     }
@@ -39,11 +58,17 @@ def identifier(text: str) -> str:
     return match.group(1) if match else ""
 
 
-def exact_match(names: list[str], pairs: list[dict]) -> float | None:
-    """The fraction of pairs named right; None over no pairs (a rate of nothing is not 0: JSON null, not logged)."""
-    if not pairs:
+def exact_match(answers: list[str], targets: list[str]) -> float | None:
+    """The fraction of answers equal to their targets; None over none (a rate of nothing is not 0: JSON null,
+    not logged)."""
+    if not targets:
         return None
-    return sum(name == pair["name"] for name, pair in zip(names, pairs)) / len(pairs)
+    return sum(answer == target for answer, target in zip(answers, targets)) / len(targets)
+
+
+def bits_per_byte(total_nats: float, n_bytes: int) -> float | None:
+    """Of text whose summed negative log-likelihood is total_nats; None over no bytes."""
+    return total_nats / math.log(2) / n_bytes if n_bytes else None
 
 
 def standard_error(rate: float | None, n: int) -> float | None:

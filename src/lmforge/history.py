@@ -62,7 +62,7 @@ SUMMARY_METRICS = {
     "baseline_test_bpb": ("evaluate", "baseline.test_bits_per_byte"),
     "pretrain_test_bpb": ("evaluate", "pretrain.test_bits_per_byte"),
     "finetune_test_bpb": ("evaluate", "finetune.test_bits_per_byte"),
-    "exact_match": ("evaluate", "finetune.task_exact_match_chat_greedy"),
+    "exact_match": ("evaluate", "finetune.tasks.docstring_to_name.chat.exact_match_greedy"),
 }
 BATCH = 1000  # MLflow's limit of metrics in one log_batch call (params: 100)
 RECORD_STATE_TAG = "lmforge.record_state"  # "<status>:<attempts>" of the record a child was copied from

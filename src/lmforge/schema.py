@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -172,13 +173,39 @@ class SamplingConfig:
     top_p: float = setting(0.95, Check("in (0, 1]", lambda v: 0 < v <= 1))
 
 
+def harness_task(task: str) -> bool:
+    """A task name, or a task YAML file that exists (checked at planning, not when the job reaches it)."""
+    return Path(task).is_file() if task.endswith((".yaml", ".yml")) else re.fullmatch(r"[\w.*-]+", task) is not None
+
+
+HARNESS_TASKS = Check(
+    "lm-evaluation-harness task names (letters, digits, _ . - *) or paths of existing task .yaml files",
+    lambda tasks: all(harness_task(task) for task in tasks),
+)
+
+
+@dataclass
+class HarnessConfig:
+    # lm-evaluation-harness tasks: the shipped lmforge_* tasks (lmforge/harness_tasks, on the curated task split),
+    # the harness's own task names (their data from the Hugging Face cache), or paths to task YAML files.
+    tasks: list[str] = field(
+        default_factory=lambda: ["lmforge_docstring_to_name_choice", "lmforge_docstring_to_name_generate"],
+        metadata={"check": HARNESS_TASKS},
+    )
+    num_fewshot: int | None = setting(None, at_least(0))  # None: each task's own (the shipped ones: 0)
+    limit: int | None = setting(None, at_least(1))  # examples per task; None: all
+    batch_size: int = setting(16, at_least(1))
+
+
 @dataclass
 class EvalConfig:
     max_new_tokens: int = setting(16, at_least(1))
-    few_shot: int = setting(3, at_least(0))
+    # Models before fine-tuning are scored zero-shot and with this many examples from each task's train split.
+    num_shots: int = setting(3, at_least(0))
     max_task_examples: int | None = setting(None, at_least(1))
     max_test_documents: int | None = setting(None, at_least(1))
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    harness: HarnessConfig = field(default_factory=HarnessConfig)
     prompt_template: str = "# {docstring}\ndef "
     shot_template: str = "# {docstring}\ndef {name}(...):\n    ...\n\n"
 
