@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import os
 import random
@@ -35,6 +36,8 @@ import torch
 
 from lmforge.schema import TrainConfig
 from lmforge.stage import StageError
+
+log = logging.getLogger(__name__)
 
 
 def setup_distributed() -> tuple[int, int]:
@@ -295,18 +298,18 @@ def resumable_checkpoint(checkpoint_dir: Path, report: bool) -> str | None:
         problem = checkpoint_problem(directory)
         if problem is None:
             if problems and report:
-                print(f"falling back to the previous checkpoint, {directory}", file=sys.stderr)
+                log.warning(f"falling back to the previous checkpoint, {directory}")
             return directory.name
         problems.append(f"{directory} is {problem}")
         if report:
-            print(f"skipping checkpoint {problems[-1]}", file=sys.stderr)
+            log.warning(f"skipping checkpoint {problems[-1]}")
     if any(checkpoint_problem(directory) != INCOMPLETE for directory in checkpoints):
         raise StageError(
             f"no checkpoint in {checkpoint_dir} can be resumed from: {'; '.join(problems)}. "
             f"Delete {checkpoint_dir} to train this stage from scratch."
         )
     if checkpoints and report:  # killed during its first save: nothing was complete, so nothing is lost
-        print("no complete checkpoint: training from the start", file=sys.stderr)
+        log.warning("no complete checkpoint: training from the start")
     return None
 
 
@@ -367,7 +370,7 @@ def train(
             ) from error
         start_step, metrics = client["step"], client["metrics"]
         _set_rng_state(client["rng"][rank])
-        print(f"resumed from {checkpoint_dir} at step {start_step} of {tcfg.steps}", file=sys.stderr)
+        log.info(f"resumed from {checkpoint_dir} at step {start_step} of {tcfg.steps}")
 
     def save(step: int) -> None:
         states = [None] * world
@@ -390,6 +393,7 @@ def train(
     # Since the last log line, on this rank: tokens with a loss, tokens through the model, and the model FLOPs.
     trained_tokens = seen_tokens = flops = 0
     last_time = time.perf_counter()
+    attempt_started = time.perf_counter()
     for step in range(start_step, tcfg.steps):
         micro_losses = []
         for micro in range(tcfg.grad_accum):
@@ -413,7 +417,10 @@ def train(
             trained_tokens = seen_tokens = flops = 0
             tracker.log_metrics(logged, step=done)
             if rank == 0:
-                print(f"step {done} " + " ".join(f"{k}={v:.4g}" for k, v in logged.items()), file=sys.stderr)
+                took = time.perf_counter() - attempt_started
+                eta = took / (done - start_step) * (tcfg.steps - done)  # this job's pace, evaluations included
+                values = " ".join(f"{k}={v:.4g}" for k, v in logged.items())
+                log.info(f"step {done}/{tcfg.steps} {values} eta={eta / 60:.1f}min")
         if done % tcfg.eval_every == 0 or done == tcfg.steps:
             metrics["validation_loss"] = validation_loss()
             tracker.log_metrics({"validation_loss": metrics["validation_loss"]}, step=done)
