@@ -223,3 +223,27 @@ def test_a_watcher_stopped_by_snakemake_merges_last_and_marks_unfinished_stages_
         [client.get_experiment_by_name("lmforge/demo").experiment_id], filter_string="tags.`lmforge.stage` = 'pretrain'"
     )
     assert run.info.status == "KILLED" and curve(client, run.info.run_id) == [(1, 5.0)]
+
+
+def test_the_card_and_the_shipped_model_are_on_the_configuration_s_run(tmp_path):
+    run_cfg = run_config(tmp_path, "cfg_card")
+    card = record_stage(tmp_path, "card", "card0", run_cfg, {"card": {"model_name": "tiny"}})
+    (card / "model").mkdir()
+    (card / "model" / "README.md").write_text("---\nlicense: apache-2.0\n---\n# tiny\n")
+    (card / "model" / "config.json").write_text('{"model_type": "llama"}\n')
+    (card / "model" / "model.safetensors").write_bytes(b"\0" * 1024)  # stays in the card's directory
+    (card / "datasheet.md").write_text("# Datasheet\n")
+    merged = history.merge({"card": card}, run_cfg)
+    client = MlflowClient(tracking_uri=merged["tracking_uri"])
+
+    card_docs = {a.path for a in client.list_artifacts(merged["parent_run_id"], "card")}
+    assert card_docs == {"card/README.md", "card/datasheet.md"}
+    [model] = client.search_logged_models([merged["experiment_id"]])
+    assert model.source_run_id == merged["runs"]["card"] and str(model.status) == "READY"
+    assert model.tags["lmforge.path"] == str((card / "model").resolve())
+    stored = {Path(a.path).name for a in client.list_logged_model_artifacts(model.model_id)}
+    assert stored == {"MLmodel", "README.md", "config.json"}  # not the weights
+    for run_id in (merged["parent_run_id"], merged["runs"]["card"]):  # the Models column of both runs
+        assert [o.model_id for o in client.get_run(run_id).outputs.model_outputs] == [model.model_id]
+    history.merge({"card": card}, run_cfg)  # merging again logs no second model
+    assert len(client.search_logged_models([merged["experiment_id"]])) == 1
