@@ -104,7 +104,7 @@ def prompted(tokenizer, task: str, conversations: list, shots: list, eval_cfg: E
             turns = [*(message for shot in shots for message in shot), *conversation[:-1]]
             text, answer = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False), target
         else:
-            fields = [{"docstring": c[0]["content"], "name": c[-1]["content"]} for c in (*shots, conversation)]
+            fields = [{"docstring": c[-2]["content"], "name": c[-1]["content"]} for c in (*shots, conversation)]
             code = "".join(eval_cfg.shot_template.format(**f) for f in fields[:-1])
             code += eval_cfg.prompt_template.format(**fields[-1])
             text = code.rstrip()
