@@ -107,6 +107,7 @@ def curated_and_tokenized(root: Path) -> list[str]:
     stages = plan(root / "results", base)
     run_stage(stages["curate"])
     run_stage(stages["tokenizer"])
+    run_stage(stages["tasks"])  # the built-in task's conversations, which fine-tuning reads
     return base
 
 

@@ -89,8 +89,8 @@ def test_finetuning_any_local_hugging_face_model(prepared, tmp_path):
     run_stage(stages["finetune"])
     tuned = AutoTokenizer.from_pretrained(f"{stages['finetune'].dir}/model")
     assert tuned.chat_template == ZEPHYR_TEMPLATE
-    prompt, answer = chat.chat_texts(tuned, {"docstring": "Add two numbers.", "name": "add"})
-    assert prompt.endswith("<|assistant|>\n") and answer == "add<|endoftext|>\n"
+    *prompt, (answer, trained) = chat.pieces(tuned, chat.conversation("Add two numbers.", "add"))
+    assert "".join(text for text, _ in prompt).endswith("<|assistant|>\n") and answer == "add<|endoftext|>\n" and trained
     assert chat.end_of_turn_ids(tuned) == [tuned.eos_token_id]
 
 

@@ -26,7 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from lmforge import hydra_api, plan
 from lmforge.plan import STAGES, resources
-from lmforge.schema import Config, StageResources
+from lmforge.schema import BUILTIN_TASK, Config, StageResources
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 # The default corpus's name and licence (conf/data/stdlib.yaml), which another data.source must not keep.
@@ -152,6 +152,10 @@ def check_values(node: DictConfig, schema: type, prefix: str = "") -> None:
             raise ConfigError(f"Invalid value {value!r} for '{key}': must be {check.says}.")
         if dataclasses.is_dataclass(types[spec.name]):
             check_values(value, types[spec.name], f"{key}.")
+        elif typing.get_origin(types[spec.name]) is list:
+            [item_type] = typing.get_args(types[spec.name])
+            for index, item in enumerate(value if dataclasses.is_dataclass(item_type) else ()):  # finetune.data
+                check_values(item, item_type, f"{key}.{index}.")
         elif spec.name == "resources":
             for stage, stage_resources in value.items():
                 check_values(stage_resources, StageResources, f"{key}.{stage}.")
@@ -217,12 +221,46 @@ def check_consistency(cfg: DictConfig) -> None:
             raise ConfigError(
                 f"'{spec.train}.compile=true' is not supported with ZeRO-3 (its parameter gathering breaks the graph)."
             )
+    check_finetune_data(cfg)
     if cfg.finetune.method == "qlora" and not resources(cfg, "finetune").gpus:
         # Checked here, not in the job: a QLoRA job without a GPU would fail only after it was scheduled.
         raise ConfigError(
             "finetune.method=qlora needs a GPU: set resources.finetune.gpus=1 (and a GPU partition), "
             "or use finetune=lora on CPU."
         )
+
+
+def check_finetune_data(cfg: DictConfig) -> None:
+    """Each fine-tuning task: its own name, a licence, a source and splits there to read, training data left."""
+    names = set()
+    for index, task in enumerate(cfg.finetune.data):
+        key = f"finetune.data.{index}"
+        if task.name in names:
+            raise ConfigError(f"'{key}.name={task.name}': an earlier task has this name; each task needs its own.")
+        names.add(task.name)
+        if task.max_tokens is not None and cfg.finetune.base == "pretrain" and task.max_tokens > cfg.model.max_seq_len:
+            raise ConfigError(
+                f"'{key}.max_tokens={task.max_tokens}' is above the model's context, "
+                f"'model.max_seq_len={cfg.model.max_seq_len}'."
+            )
+        if task.source == BUILTIN_TASK:
+            continue
+        if task.license is None:
+            raise ConfigError(
+                f"'{key}.license' is not set for the dataset {task.source}: its licence goes on the card and the "
+                f"datasheet (e.g. {key}.license=cc-by-4.0)."
+            )
+        drawn = [f"{key}.{split}_fraction" for split in ("validation", "test") if task[f"{split}_split"] is None]
+        if sum(task[k.rsplit(".", 1)[1]] for k in drawn) >= 1:
+            raise ConfigError(
+                f"{' + '.join(repr(k) for k in drawn)} leave no training examples: their sum must be < 1."
+            )
+        from lmforge import tasks  # the stage's own reading of a source, imported only for a dataset task
+
+        problem = tasks.source_problem(OmegaConf.to_object(task))
+        if problem is not None:
+            setting, message = problem
+            raise ConfigError(f"'{key}.{setting}={task[setting]}': {message}.")
 
 
 # -- `lmforge config` ---------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import datasets
 import pyarrow.parquet as pq
 
 from lmforge import stage
-from lmforge.schema import DataConfig, FinetuneConfig, StageConfig, TaskConfig
+from lmforge.schema import BUILTIN_TASK, DataConfig, FinetuneConfig, StageConfig, TaskConfig
 
 SPLITS = ("train", "validation", "test")
 STDLIB_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
@@ -268,16 +268,19 @@ def drop_leaked(pairs: list[dict], train_text: str, stats: Counter) -> list[dict
 
 
 def check_task(pairs: list[dict], finetune_cfg: FinetuneConfig, source: str) -> None:
-    """Fine-tuning on no pairs would fail only after pretraining: stop here. No test pairs is only said."""
+    """Fine-tuning the built-in task on no pairs would fail only after pretraining: stop here. No test pairs is
+    only said. A configuration without the built-in task (or without fine-tuning) needs no pairs."""
     counts = Counter(pair["split"] for pair in pairs)
-    if finetune_cfg.method != "none" and not counts["train"]:
+    builtin = [i for i, task in enumerate(finetune_cfg.data) if task.source == BUILTIN_TASK]
+    if finetune_cfg.method != "none" and builtin and not counts["train"]:
         raise stage.StageError(
             f"data.source={source!r} has no Python docstring pairs for the built-in fine-tuning task "
-            f"(docstring -> function name; {counts['validation']} validation, {counts['test']} test pairs): "
-            "set finetune=none to pretrain, quantize and evaluate without fine-tuning (a corpus's own fine-tuning "
-            "task is not supported yet)"
+            f"'finetune.data.{builtin[0]}.source={BUILTIN_TASK}' (docstring -> function name; {counts['validation']} "
+            f"validation, {counts['test']} test pairs): give finetune.data your own tasks instead "
+            "(finetune.data=[{name:...,source:...,license:...}]), or set finetune=none to pretrain, quantize and "
+            "evaluate without fine-tuning"
         )
-    if pairs and not counts["test"]:
+    if builtin and pairs and not counts["test"]:
         print(
             f"warning: no test pairs among the {len(pairs)} task pairs: the task's exact match is n/a, "
             "only bits per byte are evaluated",

@@ -29,7 +29,9 @@ from lmforge.schema import StageResources
 class StageSpec:
     """One stage of the pipeline: the module `lmforge.<name>` and what its key depends on."""
 
-    sections: tuple[str, ...] = ()  # config sections the stage reads: hashed into its key, handed to it
+    # Config sections the stage reads ("data", or a dotted path to part of one: "finetune.data"): hashed into its
+    # key, handed to it.
+    sections: tuple[str, ...] = ()
     inputs: tuple[str, ...] = ()  # stages whose outputs it reads
     # Config sections handed to it but not in its key: they change what it refuses to run on, not what it writes.
     checks: tuple[str, ...] = ()
@@ -42,30 +44,46 @@ class StageSpec:
 
 
 def finetunes(cfg: DictConfig) -> bool:
-    return cfg.finetune.method != "none"
+    """A method and at least one task: `finetune=none` or `finetune.data=[]` plans no fine-tuning."""
+    return cfg.finetune.method != "none" and len(cfg.finetune.data) > 0
 
 
 # The registry: the Snakemake rules, the stage keys, and the checks above are made from it.
 STAGES: dict[str, StageSpec] = {
     "curate": StageSpec(sections=("data",), checks=("finetune",)),  # the built-in task needs pairs
+    # The fine-tuning tasks read, checked and split; keyed by finetune.data alone, so a fine-tuning sweep reuses it.
+    "tasks": StageSpec(sections=("finetune.data", "seed"), inputs=("curate",), runs=finetunes),
     "tokenizer": StageSpec(sections=("tokenizer", "seed"), inputs=("curate",)),
     "baseline": StageSpec(sections=("baseline",), inputs=("curate", "tokenizer")),
     "pretrain": StageSpec(sections=("model", "train", "seed"), inputs=("tokenizer",), train="train"),
     "finetune": StageSpec(
         sections=("finetune", "seed"),
-        inputs=("curate", "tokenizer", "pretrain"),
+        inputs=("tasks", "tokenizer", "pretrain"),
         train="finetune.train",
         runs=finetunes,
     ),
     "quantize": StageSpec(sections=("quantize",), inputs=("finetune",), instead={"finetune": "pretrain"}),
     "evaluate": StageSpec(
-        sections=("eval", "seed"), inputs=("curate", "tokenizer", "baseline", "pretrain", "finetune", "quantize")
+        sections=("eval", "seed"),
+        inputs=("curate", "tokenizer", "tasks", "baseline", "pretrain", "finetune", "quantize"),
     ),
     "card": StageSpec(
-        sections=("card",), inputs=("curate", "tokenizer", "pretrain", "finetune", "quantize", "evaluate")
+        sections=("card",), inputs=("curate", "tokenizer", "tasks", "pretrain", "finetune", "quantize", "evaluate")
     ),
     "scaling": StageSpec(inputs=("pretrain",), per_sweep=True),
 }
+
+
+def sections(full: dict, paths: tuple[str, ...]) -> dict:
+    """The parts of a resolved config at `paths` (a section, or a dotted path into one), nested as in the config."""
+    picked: dict = {}
+    for path in paths:
+        *parents, last = path.split(".")
+        source, target = full, picked
+        for part in parents:
+            source, target = source[part], target.setdefault(part, {})
+        target[last] = source[last]
+    return picked
 
 
 def digest(obj: Any) -> str:
@@ -103,11 +121,11 @@ def stages(cfg: DictConfig) -> dict[str, Stage]:
     for name, spec in STAGES.items():
         if spec.per_sweep or not spec.runs(cfg):
             continue
-        own = {section: full[section] for section in spec.sections}
+        own = sections(full, spec.sections)
         wanted = [dep if dep in stages else spec.instead.get(dep) for dep in spec.inputs]
         present = [dep for dep in wanted if dep in stages]
         key = digest({"stage": name, "config": own, "inputs": {dep: stages[dep].key for dep in present}})
-        checked = {section: full[section] for section in spec.checks}
+        checked = sections(full, spec.checks)
         stage_cfg = {"stage": name, "key": key, **own, **checked, "inputs": {dep: stages[dep].dir for dep in present}}
         stage_cfg["run"] = {**run, "run_key": None, "checkpoint_dir": f"{run['results_dir']}/checkpoints/{name}/{key}"}
         stages[name] = Stage(name, key, stage_cfg, resources(cfg, name))

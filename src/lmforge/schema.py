@@ -153,10 +153,50 @@ class LoraConfig:
     )
 
 
+BUILTIN_TASK = "docstring_to_name"  # the built-in task: docstring -> function name, from the corpus's Python
+
+
+@dataclass
+class FinetuneTaskConfig:
+    """One fine-tuning task of `finetune.data`: the built-in, or a dataset."""
+
+    name: str = setting(BUILTIN_TASK, NAME)  # names its directory in the tasks stage, its metrics, its card rows
+    # `docstring_to_name` (the built-in, from the curated corpus), a local .jsonl/.parquet file or a directory
+    # of <split>.jsonl/.parquet files, or a Hub dataset name (read from the HF cache: compute nodes are offline).
+    source: str = BUILTIN_TASK
+    # chat: a list of {role, content} messages per row; prompt_response: two text columns; auto: chat when the
+    # row has `messages_field`.
+    format: str = setting("auto", one_of("auto", "chat", "prompt_response"))
+    messages_field: str = "messages"
+    role_field: str = "role"
+    content_field: str = "content"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    system_prompt: str | None = None  # a system message put before every prompt/response pair
+    hub_config: str | None = None  # a Hub dataset's configuration (subset) name
+    # The dataset's own splits (Hub split names; in a directory, file names without the suffix); a split that is
+    # None is drawn from the train split, seeded by `seed`, by its fraction. The built-in task has curate's splits.
+    train_split: str = "train"
+    validation_split: str | None = None
+    test_split: str | None = None
+    validation_fraction: float = setting(0.1, fraction())
+    test_fraction: float = setting(0.1, fraction())
+    weight: float = setting(1.0, above(0))  # the task's share of the training examples: weight / sum of weights
+    max_tokens: int | None = setting(None, at_least(2))  # an example's length limit; None: the model's context
+    overlong: str = setting("truncate", one_of("truncate", "drop"))  # truncate: cut the oldest turns' tokens
+    max_examples: int | None = setting(None, at_least(1))  # the first N rows of each split read; None: all
+    license: str | None = None  # a dataset's licence (required); the built-in task's is the corpus's (data.license)
+    description: str | None = None  # where the data comes from, for the card and datasheet; None: the source
+
+
 @dataclass
 class FinetuneConfig:
     method: str = setting("full", one_of("full", "lora", "qlora", "none"))  # none: no fine-tuning stage
     base: str = "pretrain"  # `pretrain` (this pipeline's model) or a Hugging Face model name or local path
+    # The tasks; more than one is multi-task fine-tuning (a mixture by weight). None: no fine-tuning stage.
+    data: list[FinetuneTaskConfig] = field(default_factory=list)
+    # Short examples share a row of the model's context, each attending only to itself (position ids restart).
+    packing: bool = True
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
 

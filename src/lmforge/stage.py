@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import logging
 import os
 import platform
 import random
@@ -69,11 +70,10 @@ def code_version() -> dict:
         "lmforge": package_version("lmforge"),  # None when run from the source tree (PYTHONPATH=src)
         "git_commit": commit.strip() if commit else None,
         "git_dirty": bool(status.strip()) if status is not None else None,
-    }
         "files": code_files(),
+    }
 
 
-def package_version(name: str) -> str | None:
 def code_files() -> dict[str, str]:
     """The lmforge modules this process has imported, by file name under the package, and their hashes: the
     code a stage ran, which `lmforge status` compares with the code of today (keys hash config, not code)."""
@@ -86,6 +86,7 @@ def code_files() -> dict[str, str]:
     return dict(sorted(files.items()))
 
 
+def package_version(name: str) -> str | None:
     try:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
@@ -168,6 +169,8 @@ def run(main: Callable[[StageConfig, Path, object], dict]) -> None:
     """Run one stage: `main(config, work_dir, tracker)` returns the stage's metrics."""
     if len(sys.argv) != 3:
         sys.exit(f"usage: python -m {main.__module__} CONFIG.yaml OUT_DIR")
+    # The stages' progress (logging.getLogger(__name__)) goes to the job's log with its time.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         _run(main, Path(sys.argv[1]), Path(sys.argv[2]))
     except StageError as err:
