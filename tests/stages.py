@@ -105,6 +105,9 @@ def curated_and_tokenized(root: Path) -> list[str]:
     """Run curate and tokenizer on the small corpus under `root`; the overrides that plan on top of them."""
     base = [*small_corpus_data(root / "corpus"), *TINY]
     stages = plan(root / "results", base)
+    for stage in stages.values():
+        if stage.name == "curate_shard":
+            run_stage(stage)
     run_stage(stages["curate"])
     run_stage(stages["tokenizer"])
     run_stage(stages["tasks"])  # the built-in task's conversations, which fine-tuning reads

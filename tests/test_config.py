@@ -39,7 +39,7 @@ def test_qlora_without_a_gpu_fails_before_anything_runs():
 def test_changing_lr_rekeys_pretraining_and_descendants_only():
     before, after = keys(), keys(["train.lr=0.01"])
     same = {name for name in before if before[name] == after[name]}
-    assert same == {"curate", "tokenizer", "baseline", "tasks"}
+    assert same == {"curate_shard_0", "curate", "tokenizer", "baseline", "tasks"}
 
 
 def test_changing_run_settings_rekeys_nothing():

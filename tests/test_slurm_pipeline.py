@@ -28,7 +28,7 @@ from tests.stages import TINY, small_corpus_data
 
 pytestmark = pytest.mark.slurm
 
-RULES = ("curate", "tokenizer", "baseline", "pretrain", "finetune", "quantize", "evaluate", "card")
+RULES = ("curate_shard", "curate", "tokenizer", "baseline", "pretrain", "finetune", "quantize", "evaluate", "card")
 GPU_STAGES = ("pretrain", "finetune", "evaluate")
 GPU_RESOURCES = [f"resources.{s}.{k}={v}" for s in GPU_STAGES for k, v in (("partition", "gpu"), ("gpus", 1))]
 SUBMITTED = re.compile(r"submitted with SLURM jobid (\d+) \(log: (\S+)\)")
@@ -198,7 +198,8 @@ def test_dag_runs_as_slurm_jobs(slurm_cluster, dirs, squeue_log):
     local, local_wall = run_snakemake(dirs["local"], local_ovr, slurm=False)
     assert local.returncode == 0, local.stderr[-6000:]
 
-    slurm_stages, local_stages = plan.stages(cfg), plan.stages(config.load(local_ovr))
+    # One job per stage here (data.shards=1): by stage name.
+    slurm_stages, local_stages = ({s.name: s for s in plan.stages(c).values()} for c in (cfg, config.load(local_ovr)))
     for name in RULES:
         on_slurm, here = slurm_stages[name], local_stages[name]
         assert on_slurm.key == here.key, name

@@ -35,7 +35,9 @@ def test_a_sweep_is_the_cartesian_product_and_shares_upstream_stages():
     plan = sweep.plan(["train.lr=1e-4,3e-4", "finetune=full,lora"])
     assert len(plan.runs) == 4
     assert {name: len(stages) for name, stages in plan.stages.items()} == {
+        "curate_shard": 1,
         "curate": 1,
+        "tasks": 1,  # keyed by finetune.data alone: shared by the whole sweep
         "tokenizer": 1,
         "baseline": 1,
         "pretrain": 2,
@@ -163,7 +165,9 @@ def test_sweep_runs_shared_stages_once_and_every_branch(two_by_two, results):
     first = output(two_by_two.first)
     assert two_by_two.first.returncode != 0 and "Error in rule evaluate" in first and two_by_two.failing.key in first
     assert job_counts(first) == {
+        "curate_shard": 1,
         "curate": 1,
+        "tasks": 1,
         "tokenizer": 1,
         "baseline": 1,
         "pretrain": 2,

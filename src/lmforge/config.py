@@ -165,6 +165,33 @@ def template_fields(template: str) -> set[str]:
     return {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
 
 
+def check_source(data: DictConfig) -> None:
+    """What a curation job would fail to read fails here: a missing path, an uncached Hub dataset, a missing file."""
+    from lmforge import sources  # pyarrow: only when a config is checked
+
+    if data.source != "stdlib" and not Path(data.source).expanduser().exists():
+        where = Path(data.source).expanduser().absolute()
+        if sources.is_local(data.source):
+            raise ConfigError(f"'data.source={data.source}': no such file or directory ({where}).")
+        if sources.cached_hub_dataset(data.source) is None:
+            raise ConfigError(
+                f"'data.source={data.source}' is neither a local path ({where} does not exist) nor a Hub dataset "
+                f"in the HF datasets cache {sources.hub_cache_dir()}: jobs read the Hub offline, so load it once "
+                "where there is internet (datasets.load_dataset(name), same HF_HOME), or give the path of its files."
+            )
+    if data.filters.language.enabled and not (
+        data.filters.language.model_path and Path(data.filters.language.model_path).is_file()
+    ):
+        raise ConfigError(
+            f"'data.filters.language.enabled=true' needs a fastText language-ID model file: "
+            f"'data.filters.language.model_path={data.filters.language.model_path}' is not one (lmforge does not "
+            "download lid.176.bin)."
+        )
+    for path in data.decontaminate_against:
+        if not Path(path).is_file():
+            raise ConfigError(f"'data.decontaminate_against' names {path}, which is not a file.")
+
+
 def check_consistency(cfg: DictConfig) -> None:
     """Settings that are valid alone but not together."""
     model = cfg.model
@@ -189,6 +216,7 @@ def check_consistency(cfg: DictConfig) -> None:
                 f"'data.source={data.source}' is not the standard library, but {stdlib_values} {'are' if len(kept) > 1 else 'is'} "
                 f"still the standard library's: set {' '.join(f'data.{key}=...' for key in kept)} to this corpus's."
             )
+    check_source(data)
     if data.min_chars > data.max_chars:
         raise ConfigError(f"'data.min_chars={data.min_chars}' is above 'data.max_chars={data.max_chars}'.")
     for key, allowed in (("eval.prompt_template", {"docstring"}), ("eval.shot_template", {"docstring", "name"})):

@@ -1,215 +1,99 @@
-"""Stage 1, curation: corpus -> normalized, filtered, deduplicated, split documents.
+"""Stage 1b, curation: the shards' filtered documents -> deduplicated, decontaminated, split documents.
 
-Also builds the default fine-tuning task from the same documents, docstring ->
-function name, split by the documents' split so that no text of a test file is
-ever in the training data, and checks the test pairs for leakage into training.
+Merges the curate_shard jobs' outputs (lmforge.curate_shard), reading them in batches, never all texts at once:
+exact and MinHash near-duplicates across all shards are dropped (lmforge.dedup; the earliest document of the
+source is kept, so any shard count keeps the same documents), documents are split by a hash of their id, and
+training documents sharing a word n-gram with an evaluation text (the test split, the built-in task's held-out
+pairs, data.decontaminate_against) are dropped.
+
+Also builds the default fine-tuning task from the same documents, docstring -> function name, split by the
+documents' split so that no text of a test file is ever in the training data, and checks the held-out pairs
+for leakage into training.
 
 Outputs (Parquet, readable with `datasets.load_dataset("parquet", ...)`):
-  data/{train,validation,test}.parquet   id, text, sha256, n_bytes, source_sha256
+  data/{train,validation,test}.parquet   id, text, sha256, n_bytes, source_sha256, license
   task/{train,validation,test}.parquet   docstring, name, source_id
-  stats.json                             counts and bytes per step and split
+  stats.json                             counts and bytes per step and split, the shards' counts summed
   datasheet.md                           a draft datasheet for the card stage
 """
 
 from __future__ import annotations
 
 import ast
-import codecs
 import hashlib
 import json
+import logging
+import re
 import sys
-import sysconfig
-import unicodedata
+import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import datasets
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lmforge import stage
+from lmforge import dedup, stage
 from lmforge.schema import BUILTIN_TASK, DataConfig, FinetuneConfig, StageConfig, TaskConfig
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
 STDLIB_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
 
 
-# -- reading ---------------------------------------------------------------
+# -- the shards ------------------------------------------------------------------------------------------
 
 
-def read_stdlib(stats: Counter) -> Iterator[dict]:
-    """The running interpreter's standard library .py files, without test suites."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    for path in sorted(root.rglob("*.py")):
-        rel = path.relative_to(root)
-        if STDLIB_SKIP_DIRS & set(rel.parts[:-1]):
-            continue
-        yield from read_text_file(path, str(rel), stats)
+def shard_dirs(cfg: StageConfig) -> list[Path]:
+    """The curate_shard jobs' directories, in shard order."""
+    jobs = [job for job in cfg.inputs if job.startswith("curate_shard_")]
+    return [Path(cfg.inputs[job]) for job in sorted(jobs, key=lambda job: int(job.rsplit("_", 1)[1]))]
 
 
-def read_text_file(path: Path, doc_id: str, stats: Counter) -> Iterator[dict]:
-    """A whole file is one document; a leading UTF-8 BOM is dropped, a file that is not UTF-8 is a broken row."""
-    raw = path.read_bytes()
-    stats["rows_read"] += 1
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        stats["broken_rows"] += 1
-        print(f"skipping broken file {path}: {err}", file=sys.stderr)
-        return
-    yield {"id": doc_id, "text": text, "source_sha256": hashlib.sha256(raw).hexdigest()}
+def shard_batches(shards: list[Path], columns: list[str], batch_size: int) -> Iterator[pa.RecordBatch]:
+    for shard in shards:
+        yield from pq.ParquetFile(shard / "docs.parquet").iter_batches(batch_size=batch_size, columns=columns)
 
 
-def read_jsonl(path: Path, text_field: str, stats: Counter) -> Iterator[dict]:
-    """One document per line; a line that is not UTF-8, or not a JSON object with a string text field, is skipped.
-
-    Lines are decoded one by one, so that undecodable bytes break only their own row; a UTF-8 BOM may start the file.
-    """
-    rows = kept = 0
-    with open(path, "rb") as f:
-        for number, line in enumerate(f, 1):
-            if number == 1:
-                line = line.removeprefix(codecs.BOM_UTF8)
-            if not line.strip():
-                continue
-            rows += 1
-            stats["rows_read"] += 1
-            try:
-                row = json.loads(line.decode("utf-8"))
-                text = row[text_field]
-                if not isinstance(text, str):
-                    raise TypeError(f"{text_field} is {type(text).__name__}")
-            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
-                stats["broken_rows"] += 1
-                print(f"skipping broken row {path}:{number}: {err}", file=sys.stderr)
-                continue
-            kept += 1
-            doc_id = str(row.get("id", f"{path.name}:{number}"))
-            yield {"id": doc_id, "text": text, "source_sha256": hashlib.sha256(line).hexdigest()}
-    if rows and not kept:
-        print(
-            f"warning: none of the {rows} rows of {path} has a string field {text_field!r}: check data.text_field",
-            file=sys.stderr,
-        )
+def duplicates(shards: list[Path], data_cfg: DataConfig, stats: Counter) -> np.ndarray:
+    """Which documents of the shards, in reading order, are kept: not a duplicate, within data.max_documents."""
+    sha, order, signatures = [], [], []
+    columns = ["sha256", "order"] + (["minhash"] if data_cfg.dedup.near else [])
+    for batch in shard_batches(shards, columns, data_cfg.batch_size):
+        sha.append(dedup.sha_prefix(batch.column("sha256").to_pylist()))
+        order.append(batch.column("order").to_numpy())
+        if data_cfg.dedup.near:
+            size = batch.schema.field("minhash").type.list_size
+            signatures.append(batch.column("minhash").flatten().to_numpy().reshape(-1, size))
+    sha, order = np.concatenate(sha), np.concatenate(order)
+    dropped = np.zeros(len(sha), dtype=bool)
+    if data_cfg.dedup.exact:
+        dropped |= dedup.exact_duplicates(sha, order)
+    stats["dropped_duplicate"] = int(dropped.sum())
+    if data_cfg.dedup.near:
+        start = time.monotonic()
+        rest = np.flatnonzero(~dropped)
+        near = dedup.near_duplicates(np.concatenate(signatures)[rest], order[rest], data_cfg.dedup)
+        dropped[rest[near]] = True
+        stats["dropped_near_duplicate"] = int(near.sum())
+        log.info("near-duplicates: %d of %d documents, in %.1f s", near.sum(), len(rest), time.monotonic() - start)
+    kept = ~dropped
+    if data_cfg.max_documents is not None and kept.sum() > data_cfg.max_documents:
+        earliest = np.flatnonzero(kept)[np.argsort(order[kept], kind="stable")[: data_cfg.max_documents]]
+        kept[:] = False
+        kept[earliest] = True
+    return kept
 
 
-def require_text_column(source: str, column_names: list[str], text_field: str) -> None:
-    """A table without the text column is a config mistake, not a table of broken rows: stop and say so."""
-    if text_field not in column_names:
-        raise stage.StageError(
-            f"{source} has no column {text_field!r} (data.text_field); its columns are {column_names}: "
-            f"set data.text_field to one of them"
-        )
-
-
-def read_parquet(path: Path, text_field: str, stats: Counter) -> Iterator[dict]:
-    """Rows of a Parquet file, read in record batches of the text (and id) column only."""
-    parquet = pq.ParquetFile(path)
-    column_names = parquet.schema_arrow.names
-    require_text_column(str(path), column_names, text_field)
-    wanted = [text_field] + (["id"] if "id" in column_names and text_field != "id" else [])
-    rows = (row for batch in parquet.iter_batches(columns=wanted) for row in batch.to_pylist())
-    yield from _from_rows(rows, str(path), path.name, text_field, stats)
-
-
-def _from_rows(rows: Iterable[dict], source: str, id_prefix: str, text_field: str, stats: Counter) -> Iterator[dict]:
-    """Rows of a table; a null or non-string text is a broken row, counted in one line per table."""
-    broken = 0
-    for index, row in enumerate(rows):
-        stats["rows_read"] += 1
-        text = row.get(text_field)
-        if not isinstance(text, str):
-            broken += 1
-            continue
-        doc_id = str(row.get("id", f"{id_prefix}:{index}"))
-        yield {"id": doc_id, "text": text, "source_sha256": hashlib.sha256(text.encode()).hexdigest()}
-    if broken:
-        stats["broken_rows"] += broken
-        print(f"skipping {broken} broken rows of {source}: {text_field!r} is null or not a string", file=sys.stderr)
-
-
-def source_files(directory: Path, stats: Counter) -> list[Path]:
-    """The files of a source directory that have a reader, in name order.
-
-    Hidden files and directories (.git/, .DS_Store) are skipped and only counted; other files without a reader are
-    counted and named in the log, since they may be data the researcher expected to be read.
-    """
-    files, unsupported = [], []
-    for file in sorted(p for p in directory.rglob("*") if p.is_file()):
-        if any(part.startswith(".") for part in file.relative_to(directory).parts):
-            stats["skipped_hidden_files"] += 1
-        elif file.suffix.lower() in SUFFIXES:
-            files.append(file)
-        else:
-            unsupported.append(str(file.relative_to(directory)))
-    if unsupported:
-        stats["skipped_files"] += len(unsupported)
-        more = f" and {len(unsupported) - 5} more" if len(unsupported) > 5 else ""
-        print(
-            f"skipping {len(unsupported)} files of {directory} with no reader (not {', '.join(SUFFIXES)}): "
-            f"{', '.join(unsupported[:5])}{more}",
-            file=sys.stderr,
-        )
-    return files
-
-
-def read_source(data_cfg: DataConfig, stats: Counter) -> Iterator[dict]:
-    """The embedded stdlib, local .jsonl/.parquet/.txt files (a file or a directory), or a Hub dataset."""
-    source, field = data_cfg.source, data_cfg.text_field
-    if source == "stdlib":
-        yield from read_stdlib(stats)
-        return
-    path = Path(source)
-    if path.is_file() and path.suffix.lower() not in SUFFIXES:
-        raise stage.StageError(f"data.source={source!r}: curate reads {', '.join(SUFFIXES)} files, not {path.suffix!r}")
-    if path.exists():
-        for file in source_files(path, stats) if path.is_dir() else [path]:
-            suffix = file.suffix.lower()
-            if suffix in TEXT_SUFFIXES:
-                yield from read_text_file(file, str(file.relative_to(path) if path.is_dir() else file.name), stats)
-            else:
-                yield from TABLE_READERS[suffix](file, field, stats)
-        return
-    # Anything else is a Hub dataset name; compute nodes need it in the local HF cache (HF_DATASETS_OFFLINE=1).
-    dataset = datasets.load_dataset(source, split="train")
-    require_text_column(source, dataset.column_names, field)
-    yield from _from_rows(dataset, source, source, field, stats)
-
-
-TABLE_READERS = {".jsonl": read_jsonl, ".json": read_jsonl, ".parquet": read_parquet}
-TEXT_SUFFIXES = (".txt", ".py", ".md")  # a whole file is one document
-SUFFIXES = (*TABLE_READERS, *TEXT_SUFFIXES)
-
-
-# -- pipeline steps: each takes and yields documents, counting what it drops --
-
-
-def normalize(docs: Iterable[dict], form: str) -> Iterator[dict]:
-    for doc in docs:
-        doc["text"] = unicodedata.normalize(form, doc["text"])
-        yield doc
-
-
-def filter_length(docs: Iterable[dict], min_chars: int, max_chars: int, stats: Counter) -> Iterator[dict]:
-    for doc in docs:
-        n = len(doc["text"].strip())
-        reason = "empty" if n == 0 else "too_short" if n < min_chars else "too_long" if n > max_chars else None
-        if reason:
-            stats[f"dropped_{reason}"] += 1
-            continue
-        yield doc
-
-
-def deduplicate(docs: Iterable[dict], stats: Counter) -> Iterator[dict]:
-    """Exact deduplication on the normalized text; the first document (in id order) is kept."""
-    seen = set()
-    for doc in docs:
-        doc["sha256"] = hashlib.sha256(doc["text"].encode()).hexdigest()
-        if doc["sha256"] in seen:
-            stats["dropped_duplicate"] += 1
-            continue
-        seen.add(doc["sha256"])
-        yield doc
+def kept_documents(shards: list[Path], kept: np.ndarray, columns: list[str], batch_size: int) -> Iterator[dict]:
+    index = 0
+    for batch in shard_batches(shards, columns, batch_size):
+        mask = kept[index : index + batch.num_rows]
+        index += batch.num_rows
+        yield from batch.filter(pa.array(mask)).to_pylist()
 
 
 def assign_split(docs: Iterable[dict], validation_fraction: float, test_fraction: float) -> Iterator[dict]:
@@ -219,8 +103,30 @@ def assign_split(docs: Iterable[dict], validation_fraction: float, test_fraction
         doc["split"] = (
             "test" if u < test_fraction else "validation" if u < test_fraction + validation_fraction else "train"
         )
-        doc["n_bytes"] = len(doc["text"].encode())
         yield doc
+
+
+# -- decontamination -------------------------------------------------------------------------------------
+
+
+def evaluation_texts(path: Path, batch_size: int) -> Iterator[str]:
+    """The texts of a data.decontaminate_against file: .jsonl lines' "text", a .parquet "text" column, a .txt."""
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    text = json.loads(line).get("text")
+                    if isinstance(text, str):
+                        yield text
+    elif suffix == ".parquet":
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=["text"]):
+            yield from (text for text in batch.column("text").to_pylist() if isinstance(text, str))
+    else:
+        yield path.read_text(encoding="utf-8")
+
+
+DEFINITION = re.compile(r"def\s+(\w+)\s*\(")
 
 
 # -- the fine-tuning task ------------------------------------------------------
@@ -245,7 +151,7 @@ def docstring_pairs(doc: dict, task_cfg: TaskConfig, stats: Counter) -> Iterator
         yield {"docstring": docstring, "name": node.name, "source_id": doc["id"], "split": doc["split"]}
 
 
-def build_task(docs: list[dict], task_cfg: TaskConfig, stats: Counter) -> list[dict]:
+def build_task(docs: Iterable[dict], task_cfg: TaskConfig, stats: Counter) -> list[dict]:
     pairs = [pair for doc in docs for pair in docstring_pairs(doc, task_cfg, stats)]
     names = Counter(p["name"] for p in pairs)
     docstrings = Counter(p["docstring"] for p in pairs)
@@ -256,11 +162,14 @@ def build_task(docs: list[dict], task_cfg: TaskConfig, stats: Counter) -> list[d
     return unique
 
 
-def drop_leaked(pairs: list[dict], train_text: str, stats: Counter) -> list[dict]:
-    """Held-out pairs whose docstring or `def name(` occurs anywhere in the training documents leak: drop them."""
+def drop_leaked(pairs: list[dict], train_names: set[str], stats: Counter) -> list[dict]:
+    """Held-out pairs whose function a training document defines (`def name(`) leak their answer: drop them.
+
+    A held-out docstring in a training document is decontamination's: that training document is dropped.
+    """
     kept = []
     for pair in pairs:
-        if pair["split"] != "train" and (pair["docstring"] in train_text or f"def {pair['name']}(" in train_text):
+        if pair["split"] != "train" and pair["name"] in train_names:
             stats[f"task_dropped_leaked_{pair['split']}"] += 1
             continue
         kept.append(pair)
@@ -290,15 +199,9 @@ def check_task(pairs: list[dict], finetune_cfg: FinetuneConfig, source: str) -> 
 
 # -- the stage ------------------------------------------------------------
 
-DOC_FEATURES = datasets.Features(
-    {
-        "id": datasets.Value("string"),
-        "text": datasets.Value("string"),
-        "sha256": datasets.Value("string"),
-        "n_bytes": datasets.Value("int64"),
-        "source_sha256": datasets.Value("string"),
-    }
-)
+DOC_COLUMNS = ("id", "text", "sha256", "n_bytes", "source_sha256", "license")
+
+DOC_SCHEMA = pa.schema([(name, pa.int64() if name == "n_bytes" else pa.string()) for name in DOC_COLUMNS])
 TASK_FEATURES = datasets.Features({k: datasets.Value("string") for k in ("docstring", "name", "source_id")})
 
 
@@ -317,8 +220,34 @@ def task_description(task_cfg: TaskConfig, stats: dict) -> str:
         return "None: curation found no task pairs in this corpus (`finetune=none`: the model is not fine-tuned)."
     return f"""Docstring -> function name for public functions and methods whose docstring has at least
 {task_cfg.min_docstring_words} words and does not contain the name; names and docstrings that occur more than
-once are dropped everywhere. Pairs come from their document's split, and held-out pairs whose docstring or
-definition appears in any training document are dropped (leakage check)."""
+once are dropped everywhere. Pairs come from their document's split; held-out pairs whose function a training
+document defines are dropped (leakage check), and training documents sharing an n-gram with a held-out
+docstring are dropped (decontamination)."""
+
+
+def filters_description(data_cfg: DataConfig) -> str:
+    f, d = data_cfg.filters, data_cfg.dedup
+    prose = [name for name in ("gopher_repetition", "gopher_quality", "c4_lines") if getattr(f, name).enabled]
+    applies = {"code": "no document (data.profile=code)", "prose": "every document", "auto": "non-code documents"}
+    lines = [
+        f"- Unicode {data_cfg.normalization} normalization; documents shorter than {data_cfg.min_chars} or longer "
+        f"than {data_cfg.max_chars} characters dropped.",
+        f"- Prose rules ({', '.join(prose) or 'none'}; datatrove's Gopher and C4 filters) on "
+        f"{applies[data_cfg.profile]}.",
+        f"- Language ID: {'kept ' + ', '.join(f.language.languages) if f.language.enabled else 'off'}.",
+        f"- Licence allow-list: {', '.join(f.license.allow) if f.license.enabled else 'off'}.",
+        f"- PII: {'emails and public IP addresses replaced' if f.pii.enabled else 'off'}.",
+        f"- Exact duplicates (sha256 of the final text): {'dropped' if d.exact else 'kept'}; near-duplicates "
+        f"(MinHash LSH, {d.ngram}-word shingles, {d.bands} bands x {d.rows} rows, estimated Jaccard >= "
+        f"{d.threshold}): {'dropped' if d.near else 'kept'}; the earliest document of the source is kept.",
+        f"- Decontamination: training documents sharing a {data_cfg.decontamination.ngram}-word n-gram with the "
+        "test split, the built-in task's held-out docstrings"
+        + (f" or {', '.join(data_cfg.decontaminate_against)}" if data_cfg.decontaminate_against else "")
+        + (" dropped." if data_cfg.decontamination.enabled else ": off."),
+        f"- Split by a hash of the document id ({data_cfg.validation_fraction:.0%} validation, "
+        f"{data_cfg.test_fraction:.0%} test); {data_cfg.shards} shard job(s), then one merge job.",
+    ]
+    return "\n".join(lines)
 
 
 def datasheet(data_cfg: DataConfig, stats: dict) -> str:
@@ -336,13 +265,12 @@ def datasheet(data_cfg: DataConfig, stats: dict) -> str:
 
 ## Source and licence
 - Source: {source}
-- Licence: {data_cfg.license}
+- Licence: {data_cfg.license} (a row's own `{data_cfg.license_field}` field, where the source has one: the
+  `license` column of `data/*.parquet`)
 - Per-document source hashes: `source_sha256` column of `data/*.parquet`.
 
 ## Curation
-Unicode {data_cfg.normalization} normalization; documents shorter than {data_cfg.min_chars} or longer than
-{data_cfg.max_chars} characters dropped; exact duplicates (sha256 of normalized text) dropped; split by a hash of
-the document id ({data_cfg.validation_fraction:.0%} validation, {data_cfg.test_fraction:.0%} test).
+{filters_description(data_cfg)}
 
 | count | value |
 |---|---|
@@ -358,35 +286,89 @@ the document id ({data_cfg.validation_fraction:.0%} validation, {data_cfg.test_f
 """
 
 
+def shard_stats(shards: list[Path]) -> Counter:
+    """The shards' counts, summed."""
+    stats = Counter()
+    for shard in shards:
+        shard_summary = json.loads((shard / "stats.json").read_text())
+        stats.update({k: v for k, v in shard_summary.items() if k not in ("shard", "shards", "documents", "bytes")})
+    return stats
+
+
 def main(cfg: StageConfig, out: Path, tracker) -> dict:
-    data_cfg = cfg.data
-    stats = Counter(rows_read=0, broken_rows=0, skipped_files=0, skipped_hidden_files=0)  # listed also when 0
-    docs = read_source(data_cfg, stats)
-    docs = normalize(docs, data_cfg.normalization)
-    docs = filter_length(docs, data_cfg.min_chars, data_cfg.max_chars, stats)
-    docs = deduplicate(docs, stats)
-    docs = assign_split(docs, data_cfg.validation_fraction, data_cfg.test_fraction)
-    docs = list(docs)[: data_cfg.max_documents]
-    if stats["broken_rows"]:
-        print(f"skipped {stats['broken_rows']} broken rows of {stats['rows_read']}", file=sys.stderr)
-    if not docs:
+    data_cfg, batch_size = cfg.data, cfg.data.batch_size
+    shards = shard_dirs(cfg)
+    stats = shard_stats(shards)
+    stats["documents_filtered"] = sum(pq.ParquetFile(s / "docs.parquet").metadata.num_rows for s in shards)
+    if not stats["documents_filtered"]:
+        raise stage.StageError(f"no documents left after filtering {data_cfg.source!r}: {dict(stats)}")
+    kept = duplicates(shards, data_cfg, stats)
+
+    # Evaluation texts: the test split, the held-out task pairs (found in the same pass), the configured files.
+    evaluation = dedup.NgramIndex(data_cfg.decontamination.ngram)
+    read, fractions = ["id", "text"], (data_cfg.validation_fraction, data_cfg.test_fraction)
+
+    def split_documents() -> Iterator[dict]:
+        for doc in assign_split(kept_documents(shards, kept, read, batch_size), *fractions):
+            if doc["split"] == "test":
+                evaluation.add(doc["text"])
+            yield doc
+
+    pairs = build_task(split_documents(), data_cfg.task, stats)
+    for pair in pairs:
+        if pair["split"] != "train":
+            evaluation.add(pair["docstring"])
+    for path in data_cfg.decontaminate_against:
+        for text in evaluation_texts(Path(path), batch_size):
+            evaluation.add(text)
+    evaluation.freeze()
+    stats.update(decontamination_texts=evaluation.texts, decontamination_ngrams=len(evaluation.grams))
+    stats["decontamination_texts_too_short"] = evaluation.short_texts
+
+    summary_splits = {split: {"documents": 0, "bytes": 0} for split in SPLITS}
+    contaminated, train_names = set(), set()
+    stats["dropped_contaminated"] = 0
+    (out / "data").mkdir()
+    writers = {split: pq.ParquetWriter(out / "data" / f"{split}.parquet", DOC_SCHEMA) for split in SPLITS}
+    start, done = time.monotonic(), 0
+    with writers["train"], writers["validation"], writers["test"]:
+        columns_read = list(DOC_COLUMNS)
+        docs = assign_split(kept_documents(shards, kept, columns_read, batch_size), *fractions)
+        buffers: dict[str, list[dict]] = {split: [] for split in SPLITS}
+        for doc in docs:
+            split = doc.pop("split")
+            if split == "train" and data_cfg.decontamination.enabled and evaluation.contaminated(doc["text"]):
+                stats["dropped_contaminated"] += 1
+                contaminated.add(doc["id"])
+                continue
+            if split == "train":
+                train_names.update(DEFINITION.findall(doc["text"]))
+            buffers[split].append(doc)
+            summary_splits[split]["documents"] += 1
+            summary_splits[split]["bytes"] += doc["n_bytes"]
+            if len(buffers[split]) >= batch_size:
+                writers[split].write_table(pa.Table.from_pylist(buffers[split], schema=DOC_SCHEMA))
+                buffers[split] = []
+            done += 1
+            if done % (50 * batch_size) == 0:
+                log.info("written %d documents, %.1f s", done, time.monotonic() - start)
+        for split in SPLITS:
+            writers[split].write_table(pa.Table.from_pylist(buffers[split], schema=DOC_SCHEMA))
+    documents = sum(s["documents"] for s in summary_splits.values())
+    if not documents:
         raise stage.StageError(f"no documents left after curation of {data_cfg.source!r}: {dict(stats)}")
 
-    train_text = "\n".join(d["text"] for d in docs if d["split"] == "train")
-    pairs = drop_leaked(build_task(docs, data_cfg.task, stats), train_text, stats)
+    pairs = [p for p in pairs if not (p["split"] == "train" and p["source_id"] in contaminated)]
+    pairs = drop_leaked(pairs, train_names, stats)
     check_task(pairs, cfg.finetune, data_cfg.source)
 
-    summary = {k: int(v) for k, v in stats.items()}
-    summary["documents"] = len(docs)
-    summary["splits"], summary["task"] = {}, {}
-    (out / "data").mkdir()
+    summary = {k: int(v) for k, v in sorted(stats.items())}
+    summary["documents"] = documents
+    summary["splits"], summary["task"] = summary_splits, {}
     (out / "task").mkdir()
     for split in SPLITS:
-        split_docs = [d for d in docs if d["split"] == split]
         split_pairs = [p for p in pairs if p["split"] == split]
-        columns(split_docs, DOC_FEATURES).to_parquet(out / "data" / f"{split}.parquet")
         columns(split_pairs, TASK_FEATURES).to_parquet(out / "task" / f"{split}.parquet")
-        summary["splits"][split] = {"documents": len(split_docs), "bytes": sum(d["n_bytes"] for d in split_docs)}
         summary["task"][split] = len(split_pairs)
     summary["python_version"] = sys.version.split()[0] if data_cfg.source == "stdlib" else None
     stage.write_json(out / "stats.json", summary)
@@ -401,4 +383,5 @@ def main(cfg: StageConfig, out: Path, tracker) -> dict:
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     stage.run(main)

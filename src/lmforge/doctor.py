@@ -387,6 +387,25 @@ def _check_one_base_model(base: str) -> Result:
     return OK, f"finetune.base={base} cached at {path}", None
 
 
+def check_data(ctx: Context) -> Result:
+    """Where curation reads each configuration's data.source (a missing one is already a config error)."""
+    from lmforge import sources
+
+    seen = []
+    for source in dict.fromkeys(cfg.data.source for cfg in ctx.cfgs):
+        path = Path(source).expanduser()
+        if source == "stdlib":
+            seen.append("data.source=stdlib: this interpreter's standard library")
+        elif path.exists():
+            seen.append(f"data.source={source}: local {'directory' if path.is_dir() else 'file'} {path.resolve()}")
+        else:
+            cached = sources.cached_hub_dataset(source)
+            if cached is None:  # the config check passed: the cache moved since (HF_HOME differs here)
+                return FAIL, f"data.source={source} is not in the HF cache", "download it into the HF cache first"
+            seen.append(f"data.source={source}: Hub dataset cached at {cached}")
+    return OK, "; ".join(seen), None
+
+
 def _check_sqlite(uri: str) -> Result:
     db = Path(uri.removeprefix("sqlite:///").split("?")[0]).resolve()
     error = write_probe(db.parent)
@@ -422,25 +441,6 @@ def check_mlflow(ctx: Context) -> Result:
     return WARN, f"{uri}: this store type is not checked", "make sure compute nodes can reach and write it"
 
 
-CHECKS: list[tuple[str, Callable[[Context], Result]]] = [
-    ("slurm commands", check_commands),
-    ("partitions", check_partitions),
-    ("default partition", check_default_partition),
-    ("gpu partitions", check_gpus),
-    ("job status (sacct)", check_sacct),
-    ("results dir", check_results_dir),
-    ("results filesystem", check_results_fs),
-    ("internet", check_internet),
-    ("fine-tuning base", check_base_model),
-    ("mlflow store", check_mlflow),
-]
-
-
-# --- running ---------------------------------------------------------------------------------
-
-
-def run_checks(ctx: Context) -> list[tuple[str, Result]]:
-    results = []
 def sbatch_options(resources: dict) -> list[str]:
     """The sbatch options of one job's resources (workflow.slurm_resources), as the Slurm plugin submits them."""
     flags = {
@@ -492,14 +492,34 @@ def check_deepspeed_ops(ctx: Context) -> Result:
     return OK, f"built in {directory}: {', '.join(built)}", None
 
 
+CHECKS: list[tuple[str, Callable[[Context], Result]]] = [
+    ("slurm commands", check_commands),
+    ("partitions", check_partitions),
+    ("default partition", check_default_partition),
+    ("gpu partitions", check_gpus),
+    ("job status (sacct)", check_sacct),
+    ("job requests", check_submission),
+    ("deepspeed ops", check_deepspeed_ops),
+    ("results dir", check_results_dir),
+    ("results filesystem", check_results_fs),
+    ("internet", check_internet),
+    ("data source", check_data),
+    ("fine-tuning base", check_base_model),
+    ("mlflow store", check_mlflow),
+]
+
+
+# --- running ---------------------------------------------------------------------------------
+
+
+def run_checks(ctx: Context) -> list[tuple[str, Result]]:
+    results = []
     for name, check in CHECKS:
         try:
             result = check(ctx)
         except Exception as err:  # a broken check must not hide the others
             result = (FAIL, f"check crashed: {type(err).__name__}: {err}", "report this as an lmforge bug")
         results.append((name, result))
-    ("job requests", check_submission),
-    ("deepspeed ops", check_deepspeed_ops),
         print(format_result(name, result), flush=True)
     return results
 

@@ -41,6 +41,9 @@ class StageSpec:
     runs: Callable[[DictConfig], bool] = lambda cfg: True
     # An input the configuration does not run -> the stage read in its place (quantize: the pretrained model).
     instead: dict[str, str] = field(default_factory=dict)
+    # A stage run as one job per shard of its input (its config's `shard`, each with its own key), or None.
+    # Its jobs are `<name>_<shard>` in the plan and in its consumers' inputs: Snakemake fans them out as rules.
+    shards: Callable[[DictConfig], int] | None = None
 
 
 def finetunes(cfg: DictConfig) -> bool:
@@ -48,9 +51,15 @@ def finetunes(cfg: DictConfig) -> bool:
     return cfg.finetune.method != "none" and len(cfg.finetune.data) > 0
 
 
+def data_shards(cfg: DictConfig) -> int:
+    return cfg.data.shards
+
+
 # The registry: the Snakemake rules, the stage keys, and the checks above are made from it.
 STAGES: dict[str, StageSpec] = {
-    "curate": StageSpec(sections=("data",), checks=("finetune",)),  # the built-in task needs pairs
+    # Each shard of the input read and filtered by its own job; curate merges them (dedup, splits, the task).
+    "curate_shard": StageSpec(sections=("data",), shards=data_shards),
+    "curate": StageSpec(sections=("data",), inputs=("curate_shard",), checks=("finetune",)),  # the task needs pairs
     # The fine-tuning tasks read, checked and split; keyed by finetune.data alone, so a fine-tuning sweep reuses it.
     "tasks": StageSpec(sections=("finetune.data", "seed"), inputs=("curate",), runs=finetunes),
     "tokenizer": StageSpec(sections=("tokenizer", "seed"), inputs=("curate",)),
@@ -114,21 +123,32 @@ class Stage:
 
 
 def stages(cfg: DictConfig) -> dict[str, Stage]:
-    """The stages one configuration runs, each keyed by its config and its inputs' keys."""
+    """The jobs one configuration runs, each keyed by its config and its inputs' keys.
+
+    A job is named by its stage, or `<stage>_<shard>` for each shard of a sharded stage.
+    """
     full = OmegaConf.to_container(cfg, resolve=True)
     run = dict(full["run"])
     stages: dict[str, Stage] = {}
+    jobs_of: dict[str, list[str]] = {}  # stage -> its jobs' names
     for name, spec in STAGES.items():
         if spec.per_sweep or not spec.runs(cfg):
             continue
         own = sections(full, spec.sections)
-        wanted = [dep if dep in stages else spec.instead.get(dep) for dep in spec.inputs]
-        present = [dep for dep in wanted if dep in stages]
-        key = digest({"stage": name, "config": own, "inputs": {dep: stages[dep].key for dep in present}})
+        wanted = [dep if dep in jobs_of else spec.instead.get(dep) for dep in spec.inputs]
+        present = [job for dep in wanted if dep in jobs_of for job in jobs_of[dep]]
         checked = sections(full, spec.checks)
-        stage_cfg = {"stage": name, "key": key, **own, **checked, "inputs": {dep: stages[dep].dir for dep in present}}
-        stage_cfg["run"] = {**run, "run_key": None, "checkpoint_dir": f"{run['results_dir']}/checkpoints/{name}/{key}"}
-        stages[name] = Stage(name, key, stage_cfg, resources(cfg, name))
+        for shard in range(spec.shards(cfg)) if spec.shards else [None]:
+            job = name if shard is None else f"{name}_{shard}"
+            sharding = {} if shard is None else {"shard": shard}
+            input_keys = {dep: stages[dep].key for dep in present}
+            key = digest({"stage": name, "config": own, "inputs": input_keys, **sharding})
+            stage_cfg = {"stage": name, "key": key, **own, **checked, **sharding}
+            stage_cfg["inputs"] = {dep: stages[dep].dir for dep in present}
+            checkpoints = f"{run['results_dir']}/checkpoints/{name}/{key}"
+            stage_cfg["run"] = {**run, "run_key": None, "checkpoint_dir": checkpoints}
+            stages[job] = Stage(name, key, stage_cfg, resources(cfg, name))
+            jobs_of.setdefault(name, []).append(job)
     run_key = stages["card"].key  # the card depends on everything: one key per configuration
     for stage in stages.values():
         stage.config["run"]["run_key"] = run_key

@@ -57,11 +57,11 @@ def matches(pattern: str, says: str) -> Check:
 NAME = matches(r"(?!\.{1,2}$)[A-Za-z0-9._-]+", "letters, digits and . _ - only (a file name)")
 PATH = matches(r"(?!-)[A-Za-z0-9._/+,@=:-]+", "a path of letters, digits and . _ / + , @ = : - only")
 PARTITIONS = matches(r"[A-Za-z0-9._-]+(,[A-Za-z0-9._-]+)*", "Slurm partition names, comma-separated")
-
 SLURM_NAME = matches(r"[A-Za-z0-9._-]+", "a Slurm account or QOS name: letters, digits and . _ - only")
 # Node features joined by Slurm's operators (sbatch --constraint): a100&ib, [rack1|rack2], gpu*2.
 CONSTRAINT = matches(r"[A-Za-z0-9._,&|\[\]*:()-]+", "Slurm node features and the operators & | , [ ] * : ( ) only")
 GPU_MODEL = matches(r"[A-Za-z0-9_.]+", "a GPU type as the cluster's gres names it (a100, h100_80gb): letters, digits, _ .")
+
 
 @dataclass
 class TaskConfig:
@@ -70,18 +70,126 @@ class TaskConfig:
 
 
 @dataclass
+class GopherQualityConfig:
+    """Gopher's document rules (Rae et al. 2021), datatrove's GopherQualityFilter; prose documents only."""
+
+    enabled: bool = True
+    min_doc_words: int = setting(50, at_least(0))
+    max_doc_words: int = setting(100_000, at_least(1))
+    min_avg_word_length: int = setting(3, at_least(0))
+    max_avg_word_length: int = setting(10, at_least(1))
+    max_symbol_word_ratio: float = setting(0.1, fraction(upper_open=False))
+    max_bullet_lines_ratio: float = setting(0.9, fraction(upper_open=False))
+    max_ellipsis_lines_ratio: float = setting(0.3, fraction(upper_open=False))
+    min_alpha_words_ratio: float = setting(0.8, fraction(upper_open=False))
+    min_stop_words: int = setting(2, at_least(0))
+
+
+@dataclass
+class GopherRepetitionConfig:
+    """Gopher's repetition rules, datatrove's GopherRepetitionFilter; prose documents only."""
+
+    enabled: bool = True
+    dup_line_frac: float = setting(0.3, fraction(upper_open=False))
+    dup_para_frac: float = setting(0.3, fraction(upper_open=False))
+    dup_line_char_frac: float = setting(0.2, fraction(upper_open=False))
+    dup_para_char_frac: float = setting(0.2, fraction(upper_open=False))
+
+
+@dataclass
+class C4LinesConfig:
+    """C4's line rules (Raffel et al. 2020), datatrove's C4QualityFilter: drops lines, then short documents."""
+
+    enabled: bool = True
+    min_num_sentences: int = setting(5, at_least(0))
+    min_words_per_line: int = setting(3, at_least(0))
+    max_word_length: int = setting(1000, at_least(1))
+    filter_curly_bracket: bool = True  # C4 drops a page with a '{' (code); off for prose that quotes code
+
+
+@dataclass
+class LanguageIdConfig:
+    """fastText language identification; needs a model file (lid.176.bin), which lmforge does not download."""
+
+    enabled: bool = False
+    model_path: str | None = None
+    languages: list[str] = field(default_factory=lambda: ["en"])
+    min_score: float = setting(0.65, fraction())
+
+
+@dataclass
+class PiiConfig:
+    """Emails and public IP addresses replaced (datatrove's PIIFormatter), counted per kind."""
+
+    enabled: bool = True
+    emails: bool = True
+    ips: bool = True
+
+
+@dataclass
+class LicenseFilterConfig:
+    """Keep only documents whose licence (the row's data.license_field, else data.license) is allowed."""
+
+    enabled: bool = False
+    allow: list[str] = field(default_factory=list)
+
+
+@dataclass
+class FiltersConfig:
+    gopher_quality: GopherQualityConfig = field(default_factory=GopherQualityConfig)
+    gopher_repetition: GopherRepetitionConfig = field(default_factory=GopherRepetitionConfig)
+    c4_lines: C4LinesConfig = field(default_factory=C4LinesConfig)
+    language: LanguageIdConfig = field(default_factory=LanguageIdConfig)
+    pii: PiiConfig = field(default_factory=PiiConfig)
+    license: LicenseFilterConfig = field(default_factory=LicenseFilterConfig)
+
+
+@dataclass
+class DedupConfig:
+    """Exact (sha256) and MinHash LSH near-duplicate removal across all shards; the earliest document is kept."""
+
+    exact: bool = True
+    near: bool = True
+    ngram: int = setting(5, at_least(1))  # words per shingle
+    bands: int = setting(14, at_least(1))
+    rows: int = setting(8, at_least(1))  # hashes per band: bands x rows hashes per document
+    threshold: float = setting(0.7, fraction(upper_open=False))  # estimated Jaccard a candidate pair must reach
+    seed: int = setting(1, at_least(0))
+
+
+@dataclass
+class DecontaminationConfig:
+    """Training documents sharing a word n-gram with an evaluation text are dropped."""
+
+    enabled: bool = True
+    ngram: int = setting(13, at_least(1))
+
+
+@dataclass
 class DataConfig:
     name: str = MISSING
-    # "stdlib", a local .jsonl/.parquet/.txt file or directory, or a Hub dataset name.
+    # "stdlib", a local .jsonl/.parquet/.txt file or directory, or a Hub dataset name (read from the HF cache).
     source: str = MISSING
+    subset: str | None = None  # a Hub dataset's configuration name
+    split: str = "train"  # the Hub dataset's split that is read
     text_field: str = "text"
     license: str = MISSING
+    license_field: str = "license"  # a row's own licence column, when the source has one; else data.license
+    # Which rules apply: prose (Gopher, C4), code (none of them), auto (code for code files, by suffix).
+    profile: str = setting("auto", one_of("auto", "prose", "code"))
+    shards: int = setting(1, at_least(1))  # curation jobs reading a part of the input each, then one merge job
+    batch_size: int = setting(1000, at_least(1))  # documents per Parquet batch read and written
     normalization: str = setting("NFC", one_of("NFC", "NFD", "NFKC", "NFKD"))
     min_chars: int = setting(64, at_least(0))
     max_chars: int = setting(200_000, at_least(1))
     max_documents: int | None = setting(None, at_least(1))
     validation_fraction: float = setting(0.05, fraction())
     test_fraction: float = setting(0.1, fraction())
+    filters: FiltersConfig = field(default_factory=FiltersConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    decontamination: DecontaminationConfig = field(default_factory=DecontaminationConfig)
+    # More evaluation texts to decontaminate against: .jsonl (a "text" field), .parquet (a "text" column), .txt.
+    decontaminate_against: list[str] = field(default_factory=list)
     task: TaskConfig = field(default_factory=TaskConfig)
 
 
@@ -321,7 +429,8 @@ class StageConfig:
 
     stage: str = MISSING
     key: str = MISSING
-    inputs: dict[str, str] = field(default_factory=dict)  # upstream stage -> its directory
+    inputs: dict[str, str] = field(default_factory=dict)  # upstream job (stage, or stage_<shard>) -> its directory
+    shard: int | None = None  # a sharded stage's job: which shard of its input it reads (of data.shards)
     run: StageRunConfig = field(default_factory=StageRunConfig)
     seed: int | None = None
     data: DataConfig | None = None

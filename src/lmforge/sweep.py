@@ -113,8 +113,8 @@ def plan(overrides: Sequence[str]) -> Sweep:
         raise ConfigError(f"A sweep writes into one run.results_dir, not {len(results_dirs)}: {sorted(results_dirs)}.")
     stages: dict[str, dict[str, Stage]] = {}
     for run in runs:
-        for name, stage in run.items():
-            stages.setdefault(name, {}).setdefault(stage.key, stage)
+        for stage in run.values():  # a sharded stage's jobs are one rule's: by stage name
+            stages.setdefault(stage.name, {}).setdefault(stage.key, stage)
     scaling = scaling_stage(runs, resources(cfgs[0], "scaling"))
     if scaling:
         stages["scaling"] = {scaling.key: scaling}

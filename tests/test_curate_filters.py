@@ -1,0 +1,122 @@
+"""Curation's filters on a generated corpus whose defects are known (lmforge.corpus_gen's manifest).
+
+The shard and merge stages run as jobs do (`python -m lmforge.curate_shard ...`, then `lmforge.curate`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from lmforge import corpus_gen, dedup, filters, schema, sources
+from tests.stages import plan, run_stage
+
+ALLOWED = ",".join(corpus_gen.LICENSES)
+
+
+def curate(results: Path, corpus: Path, *overrides: str) -> tuple[dict, dict[str, str]]:
+    """Run the curation jobs; (stats, id -> text of every kept document)."""
+    stages = plan(
+        results,
+        [
+            f"data.source={corpus / 'corpus'}",
+            "data.name=generated",
+            "data.license=MIT",
+            "finetune=none",
+            "data.validation_fraction=0",
+            "data.test_fraction=0",  # every document is a training document: each leak is decontaminated
+            f"data.decontaminate_against=[{corpus / 'eval.jsonl'}]",
+            *overrides,
+        ],
+    )
+    for stage in stages.values():
+        if stage.name == "curate_shard":
+            run_stage(stage)
+    run_stage(stages["curate"])
+    curated = Path(stages["curate"].dir)
+    kept = {}
+    for split in ("train", "validation", "test"):
+        for row in pq.read_table(curated / "data" / f"{split}.parquet").to_pylist():
+            kept[row["id"]] = row["text"]
+    stats = json.loads((curated / "stats.json").read_text())
+    stats["datasheet"] = (curated / "datasheet.md").read_text()
+    stats["metrics"] = json.loads((curated / "manifest.json").read_text())["metrics"]
+    return stats, kept
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory):
+    root = tmp_path_factory.mktemp("generated")
+    manifest = corpus_gen.generate(root, 700_000, seed=3)
+    stats, kept = curate(
+        root / "results", root, "data.filters.license.enabled=true", f"data.filters.license.allow=[{ALLOWED}]"
+    )
+    return manifest, stats, kept
+
+
+def ids(items) -> list[str]:
+    return [item if isinstance(item, str) else item["id"] for item in items]
+
+
+def test_clean_documents_are_kept_and_every_injected_defect_dropped(generated):
+    manifest, stats, kept = generated
+    clean = manifest["clean"] + manifest["code"]
+    wrongly_dropped = [i for i in clean if i not in kept]
+    assert len(wrongly_dropped) <= 0.01 * len(clean), wrongly_dropped
+    near = ids(manifest["near_duplicate"])
+    assert len(near) >= 5 and sum(i not in kept for i in near) >= 0.95 * len(near)
+    for kind in ("exact_duplicate", "junk", "leaked", "other_license"):
+        assert manifest[kind] and not [i for i in ids(manifest[kind]) if i in kept], kind
+    # The copies go, their originals stay.
+    assert all(item["original"] in kept for item in manifest["near_duplicate"] + manifest["exact_duplicate"])
+
+
+def test_each_step_counts_what_it_dropped(generated):
+    manifest, stats, _ = generated
+    assert stats["dropped_duplicate"] == len(manifest["exact_duplicate"])
+    assert stats["dropped_near_duplicate"] >= 0.95 * len(manifest["near_duplicate"])
+    assert stats["dropped_contaminated"] == len(manifest["leaked"])
+    assert stats["dropped_license"] == len(manifest["other_license"])
+    by_filter = Counter(item["filter"] for item in manifest["junk"])
+    for name, count in by_filter.items():
+        assert stats[f"dropped_{name}"] >= count, name
+    for key in ("dropped_near_duplicate", "dropped_contaminated", "dropped_license", "pii_emails_replaced"):
+        assert stats["metrics"][key] == stats[key] and key in stats["datasheet"]
+
+
+def test_junk_lines_and_pii_are_removed_from_kept_documents(generated):
+    manifest, stats, kept = generated
+    for item in manifest["junk_lines"]:
+        assert item["id"] in kept and not any(line in kept[item["id"]] for line in item["lines"])
+    for item in manifest["pii"]:
+        text = kept[item["id"]]
+        assert item["email"] not in text and item["ip"] not in text and "@example." in text
+    assert stats["pii_emails_replaced"] >= len(manifest["pii"]) and stats["pii_ips_replaced"] >= len(manifest["pii"])
+
+
+def test_code_is_not_judged_by_prose_rules():
+    """The stdlib's files pass data.profile=auto by their suffix; prose rules would drop almost all of them."""
+    root, files = sources.stdlib_files()
+    docs = [{"id": str(p.relative_to(root)), "text": p.read_text(), "license": "PSF-2.0"} for p in files[:40]]
+    auto, prose = Counter(), Counter()
+    data = schema.DataConfig(source="stdlib", profile="auto")
+    kept = list(filters.apply([dict(d) for d in docs], data, auto))
+    assert len(kept) == len(docs) - sum(v for k, v in auto.items() if k.startswith("dropped_") and "/" not in k)
+    assert not any(k.startswith(("dropped_gopher", "dropped_c4")) for k in auto)
+    data.profile = "prose"
+    assert len(list(filters.apply([dict(d) for d in docs], data, prose))) < len(docs) / 2
+
+
+def test_decontamination_matches_a_shared_ngram_only():
+    index = dedup.NgramIndex(5)
+    index.add("the quick brown fox jumps over the lazy dog")
+    index.add("too short")
+    index.freeze()
+    assert index.texts == 2 and index.short_texts == 1
+    assert index.contaminated("Once, THE quick brown fox JUMPS far away")  # case and punctuation ignored
+    assert not index.contaminated("the quick brown cat jumps over a lazy dog")
+    assert not index.contaminated("too short to share anything")

@@ -1,0 +1,129 @@
+"""Where curation reads from: shards of local files, Hub datasets from the offline cache, and planning's checks."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import subprocess
+from collections import Counter
+from pathlib import Path
+
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from lmforge import config, corpus_gen, schema, sources
+from lmforge.workflow import snakemake_command
+from tests.stages import PROSE_WORDS, TINY, plan, run_stage
+
+GENERATED = ["data.name=generated", "data.license=MIT", "finetune=none"]
+
+
+def prose(rng: random.Random, sentences: int = 8) -> str:
+    """Random sentences of tests.stages.PROSE_WORDS, after one with the stop words Gopher's rules look for."""
+    return "The village and the river. " + " ".join(
+        " ".join(rng.choice(PROSE_WORDS) for _ in range(rng.randint(8, 14))).capitalize() + "."
+        for _ in range(sentences)
+    )
+
+
+def mixed_corpus(root: Path) -> Path:
+    """A generated corpus (one JSON-lines file) plus a Parquet file of small row groups and text files that
+    repeat some of its documents, so that duplicates cross files and shards."""
+    corpus_gen.generate(root, 300_000, seed=5)
+    corpus = root / "corpus"
+    rows = [json.loads(line) for line in (corpus / "part-00000.jsonl").read_text().splitlines()]
+    rng = random.Random(1)
+    copies = rng.sample(rows, 20)
+    table = pa.Table.from_pylist([{"text": row["text"], "id": f"copy-{i}"} for i, row in enumerate(copies[:10])])
+    pq.write_table(table, corpus / "copies.parquet", row_group_size=3)
+    for i, row in enumerate(copies[10:]):
+        (corpus / f"copy-{i}.txt").write_text(row["text"])
+    return corpus
+
+
+def read_all(data: schema.DataConfig, shards: int) -> list[list[dict]]:
+    return [list(sources.read_source(data, Counter(), shard, shards)) for shard in range(shards)]
+
+
+def test_shards_read_every_document_once_in_the_same_order(tmp_path):
+    corpus = mixed_corpus(tmp_path)
+    data = schema.DataConfig(source=str(corpus), text_field="text")
+    [whole] = read_all(data, 1)
+    for shards in (2, 3, 7):
+        parts = read_all(data, shards)
+        merged = sorted((doc for part in parts for doc in part), key=lambda doc: doc["order"])
+        assert [(d["id"], d["order"], d["text"]) for d in merged] == [(d["id"], d["order"], d["text"]) for d in whole]
+        assert all(parts), f"a shard of {shards} read nothing"
+
+
+def curated_ids(results: Path) -> set[str]:
+    [curated] = [p for p in (results / "curate").iterdir() if p.is_dir()]
+    return {row["id"] for split in ("train", "validation", "test") for row in pq.read_table(curated / "data" / f"{split}.parquet").to_pylist()}  # fmt: skip
+
+
+@pytest.mark.e2e
+def test_three_shard_jobs_keep_exactly_the_documents_of_one(tmp_path):
+    """Through real Snakemake: 3 curate_shard jobs and the merge keep the same documents as 1 shard."""
+    corpus = mixed_corpus(tmp_path)
+    kept = {}
+    for shards in (1, 3):
+        results = tmp_path / f"shards{shards}" / "results"
+        overrides = [f"data.source={corpus}", *GENERATED, *TINY, f"data.shards={shards}"]
+        command = snakemake_command(results, overrides, "--cores", "2", "--until", "curate")
+        run = subprocess.run(command, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-4000:]
+        assert len([p for p in (results / "curate_shard").iterdir() if p.is_dir()]) == shards
+        kept[shards] = curated_ids(results)
+        [curated] = [p for p in (results / "curate").iterdir() if p.is_dir()]
+        stats = json.loads((curated / "stats.json").read_text())
+        assert stats["dropped_duplicate"] >= 20  # the copies, across files and shards
+    assert kept[1] == kept[3] and len(kept[1]) > 40
+
+
+def hub_cache(home: Path, name: str, rows: list[dict]) -> None:
+    """A Hub dataset as an online `load_dataset(name)` leaves it: prepared Arrow under HF_HOME/datasets."""
+    from datasets.packaged_modules.parquet.parquet import Parquet
+
+    owner, dataset = name.split("/")
+    files = home / "files"
+    files.mkdir(parents=True)
+    datasets.Dataset.from_list(rows).to_parquet(files / "train.parquet")
+    data_files = {"train": str(files / "train.parquet")}
+    Parquet(data_files=data_files, dataset_name=dataset, cache_dir=str(home / "build")).download_and_prepare()
+    [prepared] = (home / "build" / dataset).glob("*/0.0.0")  # its files are named <dataset>-<split>.arrow
+    shutil.copytree(prepared, home / "datasets" / f"{owner}___{dataset}" / "default" / "0.0.0" / "0123abcd")
+
+
+def test_a_hub_dataset_streams_from_the_offline_cache_in_shards(tmp_path, monkeypatch):
+    home = tmp_path / "hf"
+    rng = random.Random(0)
+    rows = [{"body": prose(rng), "id": f"row-{i}", "license": "CC0-1.0"} for i in range(30)]
+    hub_cache(home, "villagers/letters", rows)
+    for key, value in {"HF_HOME": str(home), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}.items():
+        monkeypatch.setenv(key, value)
+    overrides = ["data.source=villagers/letters", "data.text_field=body", "data.shards=2", *GENERATED, *TINY]
+    stages = plan(tmp_path / "results", overrides)
+    for stage in stages.values():
+        if stage.name == "curate_shard":
+            run_stage(stage)
+    run_stage(stages["curate"])
+    curated = Path(stages["curate"].dir)
+    docs = [row for split in ("train", "validation", "test") for row in pq.read_table(curated / "data" / f"{split}.parquet").to_pylist()]  # fmt: skip
+    assert sorted(d["id"] for d in docs) == sorted(r["id"] for r in rows)
+    assert {d["license"] for d in docs} == {"CC0-1.0"}  # the rows' own licence column
+
+
+def test_a_source_a_job_could_not_read_fails_at_planning(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf"))
+    missing = tmp_path / "corpus.jsonl"
+    with pytest.raises(config.ConfigError, match=f"no such file or directory.*{missing}"):
+        config.load([f"data.source={missing}", *GENERATED])
+    with pytest.raises(config.ConfigError, match=r"neither a local path .* HF datasets cache .*empty-hf/datasets"):
+        config.load(["data.source=villagers/no-such-letters", *GENERATED])
+    with pytest.raises(config.ConfigError, match="data.filters.language.model_path"):
+        config.load(["data.filters.language.enabled=true"])
+    with pytest.raises(config.ConfigError, match="data.decontaminate_against"):
+        config.load([f"data.decontaminate_against=[{tmp_path / 'eval.jsonl'}]"])
