@@ -1,6 +1,7 @@
 """The tokenizer stage's token shards and training sample, with the real tokenizer on real files."""
 
 import json
+import os
 import sysconfig
 from pathlib import Path
 
@@ -130,3 +131,20 @@ def test_the_training_sample_is_the_seeded_order_cut_at_train_bytes(tmp_path):
 def test_a_bad_train_bytes_fails_at_planning():
     with pytest.raises(config.ConfigError, match="'tokenizer.train_bytes': must be >= 65536"):
         config.load(["tokenizer.train_bytes=1000"])
+
+
+def test_the_tokenizer_uses_the_cpus_its_job_has(monkeypatch):
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert tokenizer.job_cpus() == len(os.sched_getaffinity(0))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the workflow's rule: resources.tokenizer.cpus
+    assert tokenizer.job_cpus() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "64")
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
+    assert tokenizer.job_cpus() == 1
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "64")
+    assert tokenizer.job_cpus() == len(os.sched_getaffinity(0))  # never more than it may run on
+    for name in ("RAYON_NUM_THREADS", "TOKENIZERS_PARALLELISM"):
+        monkeypatch.setenv(name, "")  # restored after the test
+    tokenizer.use_cpus(1)
+    assert os.environ["RAYON_NUM_THREADS"] == "1" and os.environ["TOKENIZERS_PARALLELISM"] == "false"
