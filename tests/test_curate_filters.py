@@ -120,3 +120,20 @@ def test_decontamination_matches_a_shared_ngram_only():
     assert index.contaminated("Once, THE quick brown fox JUMPS far away")  # case and punctuation ignored
     assert not index.contaminated("the quick brown cat jumps over a lazy dog")
     assert not index.contaminated("too short to share anything")
+
+
+def test_the_repetition_rules_on_word_ids_give_datatroves_verdicts(tmp_path):
+    from datatrove.data import Document
+    from datatrove.pipeline.filters import GopherRepetitionFilter
+
+    corpus_gen.generate(tmp_path, 150_000, seed=8)
+    texts = [json.loads(line)["text"] for line in (tmp_path / "corpus" / "part-00000.jsonl").read_text().splitlines()]
+    for text in texts[:20]:  # repeated passages and phrases, so that each kind of rule fires
+        words = text.split()
+        texts += [" ".join(words[:40] * 3 + words[40:80]), " ".join(words[:7] * 12 + words[7:60])]
+    theirs = GopherRepetitionFilter(language=filters.WORDS)
+    ours = filters.GopherRepetitionOnIds(language=filters.WORDS)
+    verdicts = [(theirs.filter(Document(text=t, id="")), ours.filter(Document(text=t, id=""))) for t in texts]
+    assert all(a == b for a, b in verdicts)
+    reasons = {str(a) for a, _ in verdicts}
+    assert {"True", "(False, 'duplicated_5_n_grams')", "(False, 'top_2_gram')"} <= reasons, reasons

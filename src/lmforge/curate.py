@@ -383,5 +383,4 @@ def main(cfg: StageConfig, out: Path, tracker) -> dict:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     stage.run(main)

@@ -111,17 +111,22 @@ def near_duplicates(signatures: np.ndarray, order: np.ndarray, cfg: DedupConfig)
 WORD = re.compile(r"\w+")
 
 
+def window_hashes(values: np.ndarray, n: int) -> np.ndarray:
+    """A hash of each window of n consecutive uint64 values (a polynomial in uint64 arithmetic)."""
+    if len(values) < n:
+        return np.empty(0, dtype=np.uint64)
+    grams = np.zeros(len(values) - n + 1, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for k in range(n):
+            grams = grams * np.uint64(0x100000001B3) + values[k : len(values) - n + 1 + k]
+    return grams
+
+
 def ngram_hashes(text: str, n: int) -> np.ndarray:
     """Hashes of the lower-cased word n-grams of a text (none when it has fewer than n words)."""
     words = WORD.findall(text.lower())
-    if len(words) < n:
-        return np.empty(0, dtype=np.uint64)
     word_hashes = np.fromiter((xxhash.xxh64_intdigest(w) for w in words), dtype=np.uint64, count=len(words))
-    grams = np.zeros(len(words) - n + 1, dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        for k in range(n):  # a polynomial hash of the n word hashes, in uint64 arithmetic
-            grams = grams * np.uint64(0x100000001B3) + word_hashes[k : len(words) - n + 1 + k]
-    return grams
+    return window_hashes(word_hashes, n)
 
 
 class NgramIndex:

@@ -18,12 +18,13 @@ import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 
+import numpy as np
 from datatrove.data import Document
 from datatrove.pipeline.filters import C4QualityFilter, GopherQualityFilter, GopherRepetitionFilter
 from datatrove.pipeline.formatters import PIIFormatter
 from datatrove.utils.word_tokenizers import WordTokenizer
 
-from lmforge import stage
+from lmforge import dedup, stage
 from lmforge.schema import DataConfig
 from lmforge.sources import CODE_SUFFIXES
 
@@ -56,6 +57,68 @@ class RegexWordTokenizer(WordTokenizer):
 
 
 WORDS = RegexWordTokenizer()
+
+
+class GopherRepetitionOnIds(GopherRepetitionFilter):
+    """datatrove's GopherRepetitionFilter, its n-gram rules computed on word ids instead of joined strings.
+
+    The line and paragraph rules are the parent's own; the top n-gram and duplicated n-gram rules are the
+    parent's, in its order, with its ties (the first most common n-gram) and its non-overlapping scan, but on
+    hashed windows of word ids: the parent joins every n-gram of 2 to 10 words into a new string, which made
+    it the slowest step by far (benchmarks/README.md).
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.ngram_rules = (self.top_n_grams, self.dup_n_grams)
+        self.top_n_grams = self.dup_n_grams = ()  # the parent's filter: the line and paragraph rules only
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        verdict = super().filter(doc)
+        if verdict is not True:
+            return verdict
+        words = WORDS.word_tokenize(doc.text)
+        index: dict[str, int] = {}
+        ids = np.fromiter((index.setdefault(w, len(index)) for w in words), dtype=np.uint64, count=len(words))
+        ends = np.concatenate(([0], np.cumsum([len(w) for w in words], dtype=np.int64)))
+        top_rules, dup_rules = self.ngram_rules
+        for n, fraction in top_rules:
+            if len(words) < n:
+                continue
+            _, first, counts = np.unique(dedup.window_hashes(ids, n), return_index=True, return_counts=True)
+            at = first[counts == counts.max()].min()  # Counter.most_common: the first of the most common
+            chars = (ends[at + n] - ends[at] + n - 1) * counts.max()  # joined with spaces
+            if chars / len(doc.text) > fraction:
+                return False, f"top_{n}_gram"
+        lengths = np.diff(ends)
+        for n, fraction in dup_rules:
+            keys = dedup.window_hashes(ids, n)
+            if not len(keys):
+                continue
+            # The scan counts only windows seen before, without overlaps: at most the words those cover.
+            _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+            repeats = np.flatnonzero(first[inverse] != np.arange(len(keys)))
+            cover = np.zeros(len(words) + 1, dtype=np.int64)
+            np.add.at(cover, repeats, 1)
+            np.add.at(cover, repeats + n, -1)
+            if lengths[np.cumsum(cover[:-1]) > 0].sum() / len(doc.text) <= fraction:
+                continue
+            if self.repeated_chars(keys.tolist(), (ends[n:] - ends[:-n]).tolist(), n) / len(doc.text) > fraction:
+                return False, f"duplicated_{n}_n_grams"
+        return True
+
+    @staticmethod
+    def repeated_chars(keys: list[int], window_chars: list[int], n: int) -> int:
+        """The parent's scan: a window seen before counts (its words joined without spaces) and is skipped."""
+        seen, repeated, i, last = set(), 0, 0, len(keys)
+        while i < last:
+            if keys[i] in seen:
+                repeated += window_chars[i]
+                i += n
+            else:
+                seen.add(keys[i])
+                i += 1
+        return repeated
 
 
 def normalize(docs: Iterable[dict], form: str) -> Iterator[dict]:
@@ -144,12 +207,16 @@ def license_filter(allow: list[str], stats: Counter):
 def pii_scrubber(emails: bool, ips: bool, stats: Counter):
     """datatrove's PIIFormatter, counting the replacements of each kind (its replacers' own regexes)."""
     formatter = PIIFormatter(remove_emails=emails, remove_ips=ips)
-    replacers = [("emails", formatter.emails_replacer)] * emails + [("ips", formatter.ip_replacer)] * ips
+    # Each kind with a cheap test that a text may hold one: most texts have neither, and the regexes are slow.
+    replacers = [("emails", formatter.emails_replacer, re.compile("@"))] * emails
+    replacers += [("ips", formatter.ip_replacer, re.compile(r"\d\.\d"))] * ips
 
     def step(docs: Iterable[dict]) -> Iterator[dict]:
         for doc in docs:
             text = doc["text"]
-            for kind, replacer in replacers:
+            for kind, replacer, may_hold in replacers:
+                if not may_hold.search(text):
+                    continue
                 # The regex finds candidates, the replacer's validator (public IPs only) decides.
                 found = sum(
                     1
@@ -179,7 +246,7 @@ def steps(data_cfg: DataConfig, stats: Counter) -> list[tuple[str, Step]]:
     if data_cfg.profile != "code":
         if f.gopher_repetition.enabled:
             rep = f.gopher_repetition
-            block = GopherRepetitionFilter(
+            block = GopherRepetitionOnIds(
                 dup_line_frac=rep.dup_line_frac,
                 dup_para_frac=rep.dup_para_frac,
                 dup_line_char_frac=rep.dup_line_char_frac,

@@ -1,6 +1,8 @@
 # One rule per stage of the registry (lmforge.plan.STAGES): `python -m lmforge.<stage> CONFIG OUT` on the
-# job's own stage, found by its {key}. The scaling fit has a job only in a sweep over model sizes and training
-# lengths; `snakemake --until scaling` runs that ladder and the fit only.
+# job's own stage, found by its {key}. A sharded stage (curate_shard: data.shards) is one job per shard, each
+# with its own key, and its consumer's input names them all: the fan-out is Snakemake's. The scaling fit has a
+# job only in a sweep over model sizes and training lengths; `snakemake --until scaling` runs that ladder and
+# the fit only.
 for stage_name in lmplan.STAGES:
 
     rule:
