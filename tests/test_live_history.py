@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
 
-from lmforge import history, stage, tracking
+from lmforge import history, stage, tracking, watch
 from tests.tracked_stage import record_stage, run_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -143,10 +143,9 @@ def test_a_failed_stage_is_failed_with_its_log_and_stays_when_retried(tmp_path):
 def watcher_parent(plan: Path) -> subprocess.Popen:
     """A stand-in for Snakemake: it starts the watcher as its child, prints its pid, and waits."""
     script = (
-        "import os, subprocess, sys, time\n"
-        f"watcher = subprocess.Popen([sys.executable, '-m', 'lmforge.watch', {str(plan)!r}, str(os.getpid()),"
-        " '--every', '0.5'])\n"
-        "print(watcher.pid, flush=True)\n"
+        "import os, time\n"
+        "from lmforge import watch\n"
+        f"print(watch.spawn({str(plan)!r}, os.getpid(), every_s=0.5).pid, flush=True)\n"
         "time.sleep(600)\n"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
@@ -201,8 +200,9 @@ def test_the_watcher_merges_a_running_stage_and_stops_when_snakemake_is_gone(tmp
 def test_a_watcher_stopped_by_snakemake_merges_last_and_marks_unfinished_stages_killed(tmp_path):
     run_cfg = run_config(tmp_path, "cfg_stop")
     final = tmp_path / "pretrain" / "pre0"
+    stages = {"pretrain": str(final), "card": str(tmp_path / "card" / "card0")}
     plan = tmp_path / "plan.json"
-    plan.write_text(json.dumps({"configurations": [{"run": run_cfg, "stages": {"pretrain": str(final)}}]}))
+    plan.write_text(json.dumps({"configurations": [{"run": run_cfg, "stages": stages}]}))
     # A job that died without recording its end (SIGKILL): its record still says RUNNING.
     with pytest.raises(KeyboardInterrupt):
         with tracking.stage_run(pretrain_cfg(run_cfg, tmp_path), Path(f"{final}.partial")) as tracker:
@@ -212,17 +212,23 @@ def test_a_watcher_stopped_by_snakemake_merges_last_and_marks_unfinished_stages_
     stage.write_json(Path(f"{final}.partial") / tracking.RECORD_DIR / "run.json", record)  # as it was when killed
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     env.pop("MLFLOW_TRACKING_URI", None)
-    watcher = subprocess.Popen(  # its parent is this process, which stays: only SIGTERM stops it
-        [sys.executable, "-m", "lmforge.watch", str(plan), str(os.getpid()), "--every", "3600"], env=env
-    )
-    time.sleep(1)
+    watcher = watch.spawn(plan, os.getpid(), every_s=3600, env=env)  # its parent, this process, stays
+    time.sleep(0.5)  # SIGTERM may come before the watcher has started: it waits, blocked, for its handler
+    # A job that failed before its stage could record anything: only its log says so.
+    card_log = tmp_path / "logs" / "card" / "card0.log"
+    card_log.parent.mkdir(parents=True)
+    card_log.write_text("ImportError: cannot import name 'BUILT_IN' from 'lmforge.heldout'\n")
     watcher.send_signal(signal.SIGTERM)  # what lmforge.watch.stop (onsuccess, onerror) sends
     assert watcher.wait(timeout=60) == 0
     client = MlflowClient(tracking_uri=tracking.tracking_uri(run_cfg))
-    [run] = client.search_runs(
-        [client.get_experiment_by_name("lmforge/demo").experiment_id], filter_string="tags.`lmforge.stage` = 'pretrain'"
-    )
+    experiment = client.get_experiment_by_name("lmforge/demo").experiment_id
+    [run] = client.search_runs([experiment], filter_string="tags.`lmforge.stage` = 'pretrain'")
     assert run.info.status == "KILLED" and curve(client, run.info.run_id) == [(1, 5.0)]
+    [card] = client.search_runs([experiment], filter_string="tags.`lmforge.stage` = 'card'")
+    assert card.info.status == "FAILED" and card.data.tags["lmforge.stage_key"] == "card0"
+    [logged] = client.list_artifacts(card.info.run_id, "log")
+    assert "ImportError" in Path(client.download_artifacts(card.info.run_id, logged.path, str(tmp_path))).read_text()
+    assert client.get_run(card.data.tags["mlflow.parentRunId"]).info.status == "FAILED"
 
 
 def test_the_card_and_the_shipped_model_are_on_the_configuration_s_run(tmp_path):

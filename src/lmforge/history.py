@@ -314,18 +314,40 @@ def append_points(client, run, home: Path) -> None:
         client.set_tag(run.info.run_id, OFFSET_TAG, str(end))
 
 
-def merge(stages: dict[str, Path], run_cfg: dict, final: bool = True) -> dict:
+def unrecorded_failure(name: str, stage_dir: Path, run_cfg: dict) -> dict:
+    """A record for a job that failed before its stage could start one (an import error, a bad config, killed
+    while loading): FAILED, with the job's log, the attempt identified by the log's time."""
+    record = {"name": name, "tags": {"lmforge.stage": name, "lmforge.stage_key": Path(stage_dir).name}}
+    ended = int(stage_log(run_cfg, record).stat().st_mtime * 1000)
+    record["tags"]["lmforge.source_run_id"] = f"unrecorded-{Path(stage_dir).name}-{ended}"
+    return {
+        **record,
+        "run_id": record["tags"]["lmforge.source_run_id"],
+        "start_time": ended,
+        "end_time": ended,
+        "params": {},
+        "status": "FAILED",
+        "attempts": [{"status": "FAILED", "error": "the job failed before the stage started: see its log"}],
+        "metrics": [],
+        "metrics_end": 0,
+    }
+
+
+def merge(stages: dict[str, Path], run_cfg: dict, final: bool = True, failed_unrecorded=()) -> dict:
     """Copy the records of one configuration's stages (name -> directory, upstream first) into the central store.
 
     `final`: every stage finished (the card exists): the parent gets its summary, the card and the model, and
     is FINISHED. Otherwise (lmforge.watch, while Snakemake runs) the stages that started are merged as they are,
-    and the parent is RUNNING while one runs, FAILED when one failed and none runs."""
+    and the parent is RUNNING while one runs, FAILED when one failed and none runs. `failed_unrecorded` names
+    stages whose jobs failed before writing a record: each becomes a FAILED run with its log."""
     from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
     uri = tracking.tracking_uri(run_cfg)
     homes = {name: home for name, directory in stages.items() if (home := record_home(directory)) is not None}
     records = {name: read_record(home) for name, home in homes.items()}
+    records.update({name: unrecorded_failure(name, stages[name], run_cfg) for name in failed_unrecorded})
+    homes.update({name: Path(stages[name]) for name in failed_unrecorded})
     if not records:
         return {}
     curate = Path(stages["curate"]) if "curate" in stages and Path(stages["curate"]).is_dir() else None

@@ -164,7 +164,7 @@ def gpu_handles() -> list:
 
 
 def system_sample(process, known: dict, handles: list) -> dict:
-    """The stage's processes (itself and its children: launcher, ranks, data workers) and its GPUs, now.
+    """The stage's processes (rank 0, or torchrun's ranks, and their children: data workers) and GPUs, now.
 
     `known` keeps each process's psutil object by pid: its CPU percent is over the time since its last sample."""
     tree = [process, *process.children(recursive=True)]
@@ -193,7 +193,10 @@ def system_metrics(tracker: Tracker, start_ms: int):
     over the time since the previous sample, so a process's first sample reads 0."""
     import psutil
 
-    process, known, handles, stopped = psutil.Process(), {}, gpu_handles(), threading.Event()
+    process = psutil.Process()
+    if os.environ.get("TORCHELASTIC_RUN_ID"):  # started by torch.distributed.run: its tree holds every rank
+        process = process.parent()
+    known, handles, stopped = {}, gpu_handles(), threading.Event()
     last_step = -1  # each sample its own step: a short stage's last one may come within a second
 
     def sample() -> None:

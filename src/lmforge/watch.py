@@ -54,12 +54,19 @@ def start(sweep, results: str) -> None:
     log_file = Path(results) / "logs" / "watch.log"
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "a") as out:
-        _watcher = subprocess.Popen(
-            [sys.executable, "-m", "lmforge.watch", str(plan_file), str(os.getpid())],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # Ctrl-C reaches Snakemake, whose hooks stop the watcher after a last merge
-        )
+        # Its own session: Ctrl-C reaches Snakemake, whose hooks stop the watcher after a last merge.
+        _watcher = spawn(plan_file, os.getpid(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def spawn(plan_file: Path, parent_pid: int, every_s: float = EVERY_S, **popen_args) -> subprocess.Popen:
+    """The watcher process. SIGTERM is blocked in it until its handler is in place (a blocked signal stays
+    pending through exec), so a stop that comes while it is still importing is not lost."""
+    command = [sys.executable, "-m", "lmforge.watch", str(plan_file), str(parent_pid), "--every", str(every_s)]
+    unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # the child inherits this thread's mask
+    try:
+        return subprocess.Popen(command, **popen_args)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)
 
 
 def stop() -> None:
@@ -79,9 +86,10 @@ def stop() -> None:
 class Watcher:
     """Merges a plan's configurations whose records changed since the last merge."""
 
-    def __init__(self, plan: dict):
+    def __init__(self, plan: dict, started: float):
         self.configurations = plan["configurations"]
         self.seen: dict[str, tuple] = {}  # run_key -> the state of its records at the last merge
+        self.started = started  # when Snakemake started its jobs (wrote the plan)
 
     def fingerprint(self, stages: dict) -> tuple:
         state = []
@@ -105,8 +113,26 @@ class Watcher:
                 continue
             self.seen[run_cfg["run_key"]] = state
 
+    def failed_unrecorded(self) -> None:
+        """Snakemake has ended: a stage without output or record whose log was written since Snakemake started
+        is a job that failed before its stage began (an import error, a bad config): a FAILED run with its log."""
+        for configuration in self.configurations:
+            run_cfg, stages = configuration["run"], configuration["stages"]
+            failed = []
+            for name, directory in stages.items():
+                job_log = history.stage_log(
+                    run_cfg, {"name": name, "tags": {"lmforge.stage_key": Path(directory).name}}
+                )
+                started = job_log.exists() and job_log.stat().st_mtime >= self.started
+                if started and history.record_home(Path(directory)) is None:
+                    failed.append(name)
+            if failed:
+                log.info("%s failed before recording: %s", run_cfg["run_key"], ", ".join(failed))
+                history.merge({n: Path(d) for n, d in stages.items()}, run_cfg, final=False, failed_unrecorded=failed)
+
     def mark_killed(self) -> None:
-        """Snakemake has ended, so no job of its runs: a stage still RUNNING died without recording its end."""
+        """Snakemake has ended, so no job of its runs: a stage still RUNNING died without recording its end
+        (KILLED). A configuration still RUNNING did not finish: FAILED if one of its stages failed, else KILLED."""
         from mlflow.tracking import MlflowClient
 
         for configuration in self.configurations:
@@ -115,17 +141,22 @@ class Watcher:
             experiment = client.get_experiment_by_name(tracking.experiment_name(run_cfg))
             if experiment is None:
                 continue
-            condition = f"tags.`{history.RUN_KEY_TAG}` = '{run_cfg['run_key']}' and attributes.status = 'RUNNING'"
+            mine = f"tags.`{history.RUN_KEY_TAG}` = '{run_cfg['run_key']}'"
             with history.store_lock(tracking.tracking_uri(run_cfg)):
-                for run in client.search_runs([experiment.experiment_id], filter_string=condition):
-                    log.info("%s (%s) did not finish: KILLED", run.info.run_name, run.info.run_id)
-                    client.set_terminated(run.info.run_id, "KILLED")
+                running = client.search_runs([experiment.experiment_id], f"{mine} and attributes.status = 'RUNNING'")
+                failed = client.search_runs([experiment.experiment_id], f"{mine} and attributes.status = 'FAILED'")
+                # The stages first: the configuration's status follows from theirs.
+                for run in sorted(running, key=lambda run: "lmforge.role" in run.data.tags):
+                    status = "FAILED" if "lmforge.role" in run.data.tags and failed else "KILLED"
+                    log.info("%s (%s) did not finish: %s", run.info.run_name, run.info.run_id, status)
+                    client.set_terminated(run.info.run_id, status)
 
 
-def watch(plan: dict, parent_pid: int, every_s: float) -> None:
-    watcher = Watcher(plan)
+def watch(plan: dict, started: float, parent_pid: int, every_s: float) -> None:
+    watcher = Watcher(plan, started)
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # blocked by spawn
     log.info(
         "merging %d configurations every %g s while Snakemake (pid %d) runs",
         len(plan["configurations"]),
@@ -142,6 +173,7 @@ def watch(plan: dict, parent_pid: int, every_s: float) -> None:
             next_merge = time.monotonic() + every_s
         time.sleep(min(1.0, every_s))
     watcher.merge()
+    watcher.failed_unrecorded()
     watcher.mark_killed()
     log.info("stopped")
 
@@ -153,7 +185,7 @@ def main() -> None:
     parser.add_argument("--every", type=float, default=EVERY_S, help="seconds between merges")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    watch(json.loads(args.plan.read_text()), args.parent_pid, args.every)
+    watch(json.loads(args.plan.read_text()), args.plan.stat().st_mtime, args.parent_pid, args.every)
 
 
 if __name__ == "__main__":
