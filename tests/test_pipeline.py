@@ -42,7 +42,7 @@ def pipeline(tmp_path_factory):
 @pytest.mark.e2e
 def test_every_stage_writes_its_outputs_and_manifest(pipeline):
     results = pipeline / "results"
-    for stage in ("curate", "tokenizer", "baseline", "pretrain", "finetune", "quantize", "evaluate", "card"):
+    for stage in ("curate", "tasks", "tokenizer", "baseline", "pretrain", "finetune", "quantize", "evaluate", "card"):
         [stage_dir] = [p for p in (results / stage).iterdir() if p.is_dir()]
         manifest = json.loads((stage_dir / "manifest.json").read_text())
         assert (

@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData, try_to_load_from_cache
 
-from lmforge import evaluate, finetune, plan, pretrain, quantize, stage
+from lmforge import evaluate, finetune, plan, pretrain, quantize, stage, tasks
 from lmforge.heldout import BUILT_IN
 from lmforge.schema import DataConfig, FinetuneConfig, StageConfig, stage_config
 
@@ -104,8 +104,50 @@ def base_model_license(base: str) -> str | None:
     return ModelCard.load(path, ignore_metadata_errors=True).data.license if path else None
 
 
-def licences(data_cfg: DataConfig, finetune_cfg: FinetuneConfig, model_license: str) -> str:
+def fine_tuning_data(described: list[dict]) -> str:
+    """What the model was fine-tuned on, for the card's first sentence: each task's name, source and licence."""
+    parts = [
+        "docstring_to_name (predict a Python function's name from its docstring)"
+        if task["builtin"]
+        else f"{task['name']} ({task['source']}, {task['license']})"
+        for task in described
+    ]
+    mixture = f"a mixture of {len(parts)} tasks by weight: " if len(parts) > 1 else ""
+    return mixture + ", ".join(parts)
+
+
+def tasks_section(described: list[dict], finetune_metrics: dict) -> str:
+    """The fine-tuning tasks as they ran: source, licence, format, weight, examples per split and what was
+    dropped; each one's description and where its splits came from."""
+    if not described:
+        return "None: the model is not fine-tuned (`finetune=none` or an empty `finetune.data`)."
+    lines = [
+        "| task | source | licence | format | weight | train | validation | test | broken rows | duplicates "
+        "| too long: truncated, dropped |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    notes = []
+    for task in described:
+        splits = task["splits"]
+        too_long = ", ".join(
+            str(sum(finetune_metrics.get(f"{task['name']}.{split}_{kind}", 0) for split in ("train", "validation")))
+            for kind in ("truncated", "dropped_overlong")
+        )
+        lines.append(
+            f"| {task['name']} | {task['source']} | {task['license']} | {task['format']} | {task['weight']:g} "
+            f"| {splits['train']['examples']} | {splits['validation']['examples']} | {splits['test']['examples']} "
+            f"| {task['broken_rows']} | {task['duplicates']} | {too_long} |"
+        )
+        origins = "; ".join(f"{split}: {splits[split]['origin']}" for split in ("train", "validation", "test"))
+        limit = f"at most {task['max_tokens']} tokens" if task["max_tokens"] else "at most the model's context"
+        described_as = f"{task['description']} " if task["description"] else ""
+        notes.append(f"- {task['name']}: {described_as}Splits: {origins}. Examples: {limit} ({task['overlong']}).")
+    return "\n".join(lines) + "\n\n" + "\n".join(notes)
+
+
+def licences(data_cfg: DataConfig, finetune_cfg: FinetuneConfig, model_license: str, described: list = ()) -> str:
     lines = [f"- Training data: {data_cfg.name}, {data_cfg.license}."]
+    lines += [f"- Fine-tuning task {task['name']} ({task['source']}): {task['license']}." for task in described]
     if finetune_cfg.base != "pretrain":
         base_license = base_model_license(finetune_cfg.base)
         lines.append(f"- Base model `{finetune_cfg.base}`: {base_license or 'no licence found in its card'}.")
@@ -199,6 +241,7 @@ def main(cfg: StageConfig, out: Path, tracker) -> dict:
     data_cfg = stage_config(manifests["curate"]["config"]).data
     sampling = results["sampling"]
     finetuned = "finetune" in inputs  # not with finetune=none: the pretrained model is shipped
+    described = tasks.describe(inputs["tasks"]) if finetuned else []
     shipped_stage = "finetune" if finetuned else "pretrain"
     shipped_dir = finetune.model_dir(inputs["finetune"]) if finetuned else pretrain.model_dir(inputs["pretrain"])
 
@@ -210,6 +253,8 @@ def main(cfg: StageConfig, out: Path, tracker) -> dict:
         pipeline_tag="text-generation",
         tags=["lmforge", "deepspeed"],
         eval_results=model_index(data_cfg, results, shipped_stage),
+        datasets=[task["source"] for task in described if not task["builtin"] and not tasks.is_local(task["source"])]
+        or None,  # the Hub datasets it was fine-tuned on
     )
     pretrain_raw = manifests["pretrain"]["config"]
     training_configs = {"model": pretrain_raw["model"], "pretrain": pretrain_raw["train"]}
@@ -232,10 +277,11 @@ def main(cfg: StageConfig, out: Path, tracker) -> dict:
     else:
         origin = f"A Llama-style causal LM pretrained from scratch and fine-tuned ({finetune_cfg.method}) by lmforge"
     if finetuned:
-        origin += " to predict a Python function's name from its docstring."
+        origin += f" on {fine_tuning_data(described)}."
+        first = next(c for split in ("test", "train") for c in tasks.examples(inputs["tasks"], split, 1).values() if c)
         usage = (
-            'prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Return the sum of two numbers."}], '
-            'add_generation_prompt=True, return_tensors="pt")'
+            f"prompt = tokenizer.apply_chat_template({first[0][:-1]!r}, add_generation_prompt=True, "
+            'return_tensors="pt")'
         )
     else:
         usage = 'prompt = tokenizer("The", return_tensors="pt").input_ids'
@@ -264,7 +310,7 @@ def main(cfg: StageConfig, out: Path, tracker) -> dict:
         f"{sampling['top_k']}, top-p {sampling['top_p']}, at most {results['greedy']['max_new_tokens']} new tokens; "
         f"{examples}{results['test_documents']} test documents ({results['test_bytes']} bytes).{prompting}{harness_note}"
     )
-    if data_cfg.source == "stdlib" and finetuned:
+    if data_cfg.source == "stdlib" and [task["builtin"] for task in described] == [True]:
         limitations = (
             "A tiny research model trained in minutes on CPU: it names functions from docstrings in the style of the "
             "Python standard library and does nothing else well. Do not use it for anything but testing the pipeline."
@@ -288,7 +334,11 @@ print(tokenizer.decode(model.generate(prompt, max_new_tokens=8)[0]))
 ```
 
 ## Training data
-{data_cfg.name} ({data_cfg.license}); see `datasheet.md` beside this card.
+Pretraining: {data_cfg.name} ({data_cfg.license}); see `datasheet.md` beside this card.
+
+Fine-tuning:
+
+{tasks_section(described, manifests["finetune"]["metrics"] if finetuned else {})}
 
 ## Training
 ```yaml
@@ -300,7 +350,7 @@ print(tokenizer.decode(model.generate(prompt, max_new_tokens=8)[0]))
 {settings}
 
 ## Licences
-{licences(data_cfg, finetune_cfg, card_cfg.license)}
+{licences(data_cfg, finetune_cfg, card_cfg.license, described)}
 
 ## Compute
 {compute_table(manifests)}
@@ -320,10 +370,14 @@ Configuration key `{cfg.run.run_key}`; lmforge {shipped_code["lmforge"]}, git co
     link_tree(Path(shipped_dir), out / "model")
     card.save(out / "model" / "README.md")
 
-    curate_sheet = Path(inputs["curate"], "datasheet.md").read_text()
+    # Curation's draft describes the built-in task it built; the tasks that ran take its place.
+    curate_sheet = Path(inputs["curate"], "datasheet.md").read_text().split("\n## Fine-tuning task\n")[0]
     tokenizer_metrics = manifests["tokenizer"]["metrics"]
     (out / "datasheet.md").write_text(
         f"""{curate_sheet}
+## Fine-tuning tasks
+{tasks_section(described, manifests["finetune"]["metrics"] if finetuned else {})}
+
 ## Tokenizer
 Byte-level BPE, vocabulary {tokenizer_metrics["vocab_size"]}, trained on the train split only;
 {tokenizer_metrics["validation_bytes_per_token"]:.3f} bytes per token on validation.

@@ -62,8 +62,9 @@ def examples(stage_dir: str, split: str, limit: int | None = None) -> dict[str, 
 
 
 def describe(stage_dir: str) -> list[dict]:
-    """What each task is: name, source, description, license, format, weight, max_tokens, overlong, and per
-    split (`splits`) its examples, bytes and origin; rows_read, broken_rows, broken_examples, duplicates."""
+    """What each task is: name, builtin (the docstring_to_name task), source, description, license, format,
+    weight, max_tokens, overlong, and per split (`splits`) its examples, bytes and origin; rows_read,
+    broken_rows, broken_examples (the first, file:line and why), duplicates."""
     return json.loads(Path(stage_dir, "tasks.json").read_text())
 
 
@@ -79,20 +80,25 @@ def is_local(source: str) -> bool:
     return Path(source).exists() or source.startswith(("/", ".", "~")) or source.lower().endswith(SUFFIXES)
 
 
+def hub_snapshot(name: str) -> Path:
+    """A Hub dataset's files in the HF cache (`hf download --repo-type dataset NAME`), never downloaded here:
+    compute nodes are offline. datasets reads its splits from the files' names, and subsets from its README."""
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(name, repo_type="dataset", local_files_only=True))
+
+
 def source_problem(task: FinetuneTaskConfig) -> tuple[str, str] | None:
     """(the setting, why) when a dataset task cannot be read, as planning can tell; None when it can."""
     if not is_local(task.source):
-        import datasets
-        from huggingface_hub.constants import HF_HUB_CACHE
+        from huggingface_hub.errors import LocalEntryNotFoundError
 
-        cached = [
-            Path(HF_HUB_CACHE, f"datasets--{task.source.replace('/', '--')}"),
-            Path(datasets.config.HF_DATASETS_CACHE, task.source.replace("/", "___")),
-        ]
-        if not any(path.is_dir() for path in cached):
+        try:
+            path = hub_snapshot(task.source)
+        except (LocalEntryNotFoundError, ValueError):  # ValueError: not a valid repository name
             return "source", (
-                f"not a local file or directory, and no Hub dataset of this name is in the HF cache ({cached[0]}): "
-                f"download it where there is internet (hf download --repo-type dataset {task.source}), or give a path"
+                "not a local file or directory, and no Hub dataset of this name is in the HF cache: download it "
+                f"where there is internet (hf download --repo-type dataset {task.source}), or give a path"
             )
         return None
     path = Path(task.source).expanduser()
@@ -151,9 +157,9 @@ def read_split_rows(task: FinetuneTaskConfig, curated: str) -> dict[str, Iterato
         return {
             split: (read_parquet if path.suffix == ".parquet" else read_jsonl)(path) for split, path in files.items()
         }
-    import datasets  # a Hub dataset; compute nodes need it in the HF cache (HF_HUB_OFFLINE=1)
+    import datasets
 
-    loaded = datasets.load_dataset(task.source, task.hub_config)
+    loaded = datasets.load_dataset(str(hub_snapshot(task.source)), task.hub_config)
     return {
         split: ((f"{task.source}[{split}]:{i}", row) for i, row in enumerate(rows)) for split, rows in loaded.items()
     }
@@ -263,6 +269,7 @@ def read_task(task: FinetuneTaskConfig, index: int, curated: str, seed: int) -> 
             log.warning("task %s has no %s examples", task.name, split)
     description = {
         "name": task.name,
+        "builtin": task.source == BUILTIN_TASK,
         "source": task.source,
         "description": task.description,
         "license": task.license,
