@@ -3,10 +3,11 @@
     python benchmarks/curate_throughput.py --bytes 200e6 --sizes 20e6,100e6,200e6 --work /tmp/curate_bench
 
 1. Generates (or reuses) a corpus of --bytes with known injected defects.
-2. Per step: MB/s of each per-document step alone, in this process, on the first --sample bytes.
+2. Per step: MB per CPU second of each per-document step alone, in this process, on the first --sample bytes.
 3. For each of --sizes: runs the real shard job (`python -m lmforge.curate_shard CONFIG OUT`, one shard of
-   that much input) and then the merge (`python -m lmforge.curate`), and reports wall time, MB/s per core
-   (each job is one process) and peak RSS, polled with psutil over the job's process tree.
+   that much input) and then the merge (`python -m lmforge.curate`), and reports wall time, CPU time, MB per
+   CPU second (a job is one process on one core) and peak RSS, from the job's rusage (as `/usr/bin/time -v`).
+   CPU time, not wall time, so that figures from a shared machine are per core.
 4. The near-duplicate removal rate and clean documents lost, against the corpus manifest, at the largest size.
 """
 
@@ -21,7 +22,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import psutil
 import pyarrow.parquet as pq
 import yaml
 
@@ -65,38 +65,32 @@ def step_throughput(source: Path, sample_bytes: float) -> None:
         total += len(doc["text"].encode())
         if total >= sample_bytes:
             break
-    print(f"\nper step, on {len(docs)} documents ({total / 1e6:.1f} MB), one core:")
+    print(f"\nper step, on {len(docs)} documents ({total / 1e6:.1f} MB), MB per CPU second:")
     for name, step in filters.steps(data, Counter()):
         batch = [dict(d) for d in docs]
-        start = time.monotonic()
+        start = time.process_time()
         kept = list(step(batch))
-        seconds = time.monotonic() - start
-        print(f"  {name:<18} {total / 1e6 / seconds:8.2f} MB/s  ({len(docs) - len(kept)} dropped)")
+        seconds = time.process_time() - start
+        print(f"  {name:<18} {total / 1e6 / seconds:8.2f}  ({len(docs) - len(kept)} dropped)")
     sign = dedup.Signer(data.dedup, filters.WORDS)
-    start = time.monotonic()
+    start = time.process_time()
     for doc in docs:
         sign(doc["text"])
-    print(f"  {'minhash signature':<18} {total / 1e6 / (time.monotonic() - start):8.2f} MB/s")
-    start = time.monotonic()
+    print(f"  {'minhash signature':<18} {total / 1e6 / (time.process_time() - start):8.2f}")
+    start = time.process_time()
     list(filters.apply([dict(d) for d in docs], data, Counter()))
-    print(f"  {'all filters':<18} {total / 1e6 / (time.monotonic() - start):8.2f} MB/s", flush=True)
+    print(f"  {'all filters':<18} {total / 1e6 / (time.process_time() - start):8.2f}", flush=True)
 
 
-def run_measured(command: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MB of the process tree), polling every 0.2 s."""
+def run_measured(command: list[str], log: Path) -> tuple[float, float, float]:
+    """(wall seconds, CPU seconds, peak RSS in MB) of a job: its rusage, as /usr/bin/time -v reports it."""
     start = time.monotonic()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    root, peak = psutil.Process(process.pid), 0
-    while process.poll() is None:
-        try:
-            rss = sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
-            peak = max(peak, rss)
-        except psutil.NoSuchProcess:
-            pass
-        time.sleep(0.2)
-    if process.returncode:
-        raise SystemExit(f"{' '.join(command)} failed:\n{process.stderr.read()[-3000:]}")
-    return time.monotonic() - start, peak / 1e6
+    with open(log, "w") as stderr:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr)
+        _, status, usage = os.wait4(process.pid, 0)
+    if status:
+        raise SystemExit(f"{' '.join(command)} failed:\n{log.read_text()[-3000:]}")
+    return time.monotonic() - start, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1e3  # KB on Linux
 
 
 def stage_jobs(results: Path, source: Path, extra: list[str]) -> dict[str, planning.Stage]:
@@ -126,7 +120,7 @@ def main() -> None:
     step_throughput(prefix(args.work, max(sizes)), args.sample)
 
     print("\nreal jobs (one process each):")
-    print(f"{'input':>8} {'job':>13} {'wall':>8} {'MB/s/core':>10} {'peak RSS':>10}")
+    print(f"{'input':>8} {'job':>13} {'wall':>8} {'CPU':>8} {'MB/CPU-s':>9} {'peak RSS':>10}")
     for size in sizes:
         source = prefix(args.work, size)
         in_bytes = sum(p.stat().st_size for p in source.iterdir())
@@ -135,9 +129,12 @@ def main() -> None:
         for stage in [s for s in jobs.values() if s.name == "curate_shard"] + [jobs["curate"]]:
             if Path(stage.dir).exists():
                 continue
-            wall, rss = run_measured(command(stage))
-            rate = in_bytes / 1e6 / wall
-            print(f"{in_bytes / 1e6:>6.0f}MB {stage.name:>13} {wall:>7.0f}s {rate:>10.2f} {rss:>8.0f}MB", flush=True)
+            wall, cpu, rss = run_measured(command(stage), Path(stage.dir + ".log"))
+            rate = in_bytes / 1e6 / cpu
+            print(
+                f"{in_bytes / 1e6:>6.0f}MB {stage.name:>13} {wall:>7.0f}s {cpu:>7.0f}s {rate:>9.2f} {rss:>8.0f}MB",
+                flush=True,
+            )
         curated = Path(jobs["curate"].dir)
         kept = {r["id"] for s in ("train", "validation", "test") for r in pq.read_table(curated / "data" / f"{s}.parquet", columns=["id"]).to_pylist()}  # fmt: skip
         read = set(read_ids(source))

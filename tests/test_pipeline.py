@@ -129,7 +129,8 @@ def test_mlflow_has_a_parent_run_and_one_child_per_stage(pipeline):
     assert len(parents) == 1
     children = dict(db.execute("select run_uuid, value from tags where key = 'mlflow.parentRunId'").fetchall())
     stages = sorted(runs[r] for r, parent in children.items() if parent == parents[0])
-    assert stages == sorted(["curate", "tokenizer", "baseline", "pretrain", "finetune", "quantize", "evaluate", "card"])
+    names = ["curate_shard", "curate", "tasks", "tokenizer", "baseline", "pretrain", "finetune", "quantize", "evaluate"]
+    assert stages == sorted([*names, "card"])
     pretrain = next(r for r in children if runs[r] == "pretrain")
     params = dict(db.execute("select key, value from params where run_uuid = ?", (pretrain,)).fetchall())
     assert params["train.lr"] == "0.003"
@@ -143,7 +144,7 @@ def test_mlflow_has_a_parent_run_and_one_child_per_stage(pipeline):
     )
     assert steps.fetchone()[0] >= 1
     artifacts = list((pipeline / "results" / "mlartifacts").rglob("manifest.json"))
-    assert len(artifacts) == 8
+    assert len(artifacts) == 10
     plots = {p.name for p in (pipeline / "results" / "report" / "lmforge").iterdir()}
     assert {"loss_curves.svg", "metrics_vs_params.svg", "configurations.rst"} <= plots
 

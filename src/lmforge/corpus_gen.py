@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 LICENSES = ("MIT", "Apache-2.0", "CC-BY-4.0")
 OTHER_LICENSE = "LicenseRef-proprietary"
 ROWS_PER_FILE = 5000
+JUMP = 0.4  # the chance of a random word instead of the chain's next one
 # Words that C4's line rules act on (javascript lines, lorem ipsum, cookie notices): not in clean prose.
 RULE_WORDS = {"javascript", "lorem", "ipsum", "cookie", "cookies", "policy", "terms"}
 JUNK_LINES = ("Home | About | Contact | Login", "Accept all cookies to continue browsing", "Share on Facebook Twitter")
@@ -70,7 +71,15 @@ class Prose:
             words = [self.rng.choice(self.starts)]
             while len(words) < 30:
                 options = self.next.get(words[-1])
-                word = self.rng.choice(options) if options else "."
+                # A random word now and then: the chain alone repeats long runs of licence boilerplate, which
+                # two documents would then share by chance (decontamination's 13-grams would find them).
+                word = (
+                    self.rng.choice(options)
+                    if options and self.rng.random() > JUMP
+                    else self.rng.choice(self.vocabulary)
+                )
+                if not options and self.rng.random() < 0.5:
+                    word = "."
                 if word == ".":
                     break
                 words.append(word)
