@@ -17,7 +17,6 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData, try_to_load_from_cache
 
 from lmforge import evaluate, finetune, plan, pretrain, quantize, stage, tasks
-from lmforge.heldout import BUILT_IN
 from lmforge.schema import DataConfig, FinetuneConfig, StageConfig, stage_config
 
 LABELS = {"baseline": "n-gram baseline", "base": "base model", "pretrain": "pretrained", "finetune": "fine-tuned"}
@@ -396,8 +395,9 @@ Byte-level BPE, vocabulary {tokenizer_metrics["vocab_size"]}, trained on the tra
 """
     )
     tracker.log_artifacts([out / "model" / "README.md", out / "datasheet.md"])
-    built_in = results["models"]["finetune"]["tasks"].get(BUILT_IN, {}).get("chat", {}) if finetuned else {}
-    return {"finetune_exact_match_greedy": built_in["exact_match_greedy"]} if built_in else {}
+    builtin = results["builtin_task"] if finetuned else None
+    greedy = results["models"]["finetune"]["tasks"][builtin]["chat"]["exact_match_greedy"] if builtin else None
+    return {"finetune_exact_match_greedy": greedy} if builtin else {}
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lmforge import finetune, harness, heldout, pretrain, quantize, stage
+from lmforge import finetune, harness, heldout, pretrain, quantize, stage, tasks
 from lmforge.chat import end_of_turn_ids
 from lmforge.schema import EvalConfig, StageConfig
 
@@ -91,19 +91,20 @@ class Example:
     target: str  # the answer's text: exact match compares with it, its UTF-8 bytes are answer bits/byte's
 
 
-def prompted(tokenizer, task: str, conversations: list, shots: list, eval_cfg: EvalConfig, chat: bool) -> list:
+def prompted(tokenizer, conversations: list, shots: list, eval_cfg: EvalConfig, code: bool) -> list:
     """Each conversation as prompt and answer, after the shots. In the chat template (a fine-tuned model; a task
-    but the built-in for any model): the shots as earlier turns, the answer after the assistant's header. The
-    built-in task for a model before fine-tuning: in code style (eval.prompt_template, eval.shot_template), the
-    prompt's trailing whitespace scored with the answer as lm-evaluation-harness does, since the corpus
-    tokenizes `def name` as "def", " name" and not as "def ", "name"."""
+    but the built-in for any model): the shots as earlier turns, the answer after the assistant's header. In
+    code style (`code`: the built-in task for a model before fine-tuning; eval.prompt_template and
+    eval.shot_template), the prompt's trailing whitespace scored with the answer as lm-evaluation-harness does,
+    since the corpus tokenizes `def name` as "def", " name" and not as "def ", "name"."""
     examples = []
     for conversation in conversations:
         target = conversation[-1]["content"]
-        if chat or task != heldout.BUILT_IN:
+        if not code:
             turns = [*(message for shot in shots for message in shot), *conversation[:-1]]
             text, answer = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False), target
         else:
+            # The user's turn before the answer: a system message, if any, has no place in a code prompt.
             fields = [{"docstring": c[-2]["content"], "name": c[-1]["content"]} for c in (*shots, conversation)]
             code = "".join(eval_cfg.shot_template.format(**f) for f in fields[:-1])
             code += eval_cfg.prompt_template.format(**fields[-1])
@@ -146,14 +147,14 @@ def generate(model, tokenizer, prompts: list[list[int]], eval_cfg: EvalConfig, s
     return texts
 
 
-def task_metrics(model, tokenizer, task: str, examples: list[Example], eval_cfg: EvalConfig, seed: int):
+def task_metrics(model, tokenizer, examples: list[Example], eval_cfg: EvalConfig, seed: int, builtin: bool):
     """Answer bits/byte and exact match per decoding, with standard errors, and the predictions."""
     metrics = {"examples": len(examples), "answer_bits_per_byte": answer_bits_per_byte(model, examples)}
     predictions = []
     targets = [e.target for e in examples]
     for decoding in ("greedy", "sampled"):
         generated = generate(model, tokenizer, [e.prompt for e in examples], eval_cfg, decoding == "sampled", seed)
-        answers = [heldout.answer_of(task, text) for text in generated]
+        answers = [heldout.answer_of(text, builtin) for text in generated]
         rate = heldout.exact_match(answers, targets)
         metrics[f"exact_match_{decoding}"] = rate
         metrics[f"exact_match_{decoding}_stderr"] = heldout.standard_error(rate, len(examples))
@@ -177,12 +178,12 @@ def models_to_score(inputs: dict) -> dict[str, tuple[str, bool]]:
     return models
 
 
-def baseline_results(baseline_dir: str, tasks: dict) -> dict:
-    """The n-gram baseline's own figures; on the built-in task, when it is evaluated, the first-word heuristic's
-    exact match."""
+def baseline_results(baseline_dir: str, builtin: str | None) -> dict:
+    """The n-gram baseline's own figures; on the built-in task (`builtin`: its name, when it is evaluated), the
+    first-word heuristic's exact match."""
     baseline = stage.metrics(baseline_dir)
     lm_metrics = {"test_perplexity": baseline["test_perplexity"], "test_bits_per_byte": baseline["test_bits_per_byte"]}
-    if heldout.BUILT_IN not in tasks:
+    if builtin is None:
         return {**lm_metrics, "tasks": {}}
     rate, n = baseline["task_exact_match"], baseline["task_examples"]
     heuristic = {
@@ -190,7 +191,7 @@ def baseline_results(baseline_dir: str, tasks: dict) -> dict:
         "exact_match_greedy": rate,
         "exact_match_greedy_stderr": heldout.standard_error(rate, n),
     }
-    return {**lm_metrics, "tasks": {heldout.BUILT_IN: {"first_word": heuristic}}}
+    return {**lm_metrics, "tasks": {builtin: {"first_word": heuristic}}}
 
 
 def forgetting_table(models: dict, finetuned: dict[str, bool], num_shots: int) -> dict:
@@ -242,23 +243,24 @@ def flatten(tree: dict, prefix: str = "") -> dict:
 def main(cfg: StageConfig, out: Path, tracker) -> dict:
     eval_cfg, inputs, seed = cfg.eval, cfg.inputs, cfg.seed
     finetuned = "finetune" in inputs  # with finetune=none there is no task: language-model metrics only
-    tests = heldout.task_examples(inputs["curate"], "test", eval_cfg.max_task_examples) if finetuned else {}
+    tests = tasks.examples(inputs["tasks"], "test", eval_cfg.max_task_examples) if finetuned else {}
     shots = {
         task: random.Random(seed).sample(train, min(eval_cfg.num_shots, len(train)))
-        for task, train in (heldout.task_examples(inputs["curate"], "train") if finetuned else {}).items()
+        for task, train in (tasks.examples(inputs["tasks"], "train") if finetuned else {}).items()
     }
+    builtin = next((t["name"] for t in tasks.describe(inputs["tasks"]) if t["builtin"]), None) if finetuned else None
     texts = heldout.test_documents(inputs["curate"], eval_cfg.max_test_documents)
     n_bytes = sum(len(t.encode()) for t in texts)
     models = models_to_score(inputs)
     harness_cfg = eval_cfg.harness
-    if heldout.BUILT_IN not in tests:  # the shipped harness tasks are the built-in task's
+    if builtin is None:  # the shipped harness tasks are the built-in task's
         harness_cfg = dataclasses.replace(harness_cfg, tasks=[t for t in harness_cfg.tasks if t not in harness.SHIPPED])
     if harness_cfg.tasks:
         splits = {s: str(Path(inputs["curate"], "task", f"{s}.parquet")) for s in ("train", "test")}
-        harness_specs = harness.task_specs(harness_cfg, splits if tests.get(heldout.BUILT_IN) else None)
+        harness_specs = harness.task_specs(harness_cfg, splits if tests.get(builtin) else None)
         manager = harness.task_manager(harness_cfg)
 
-    scored = {"baseline": baseline_results(inputs["baseline"], tests)}
+    scored = {"baseline": baseline_results(inputs["baseline"], builtin)}
     predictions = []
     for number, (name, (model_dir, tuned)) in enumerate(models.items(), 1):
         log.info("model %d/%d: %s (%s)", number, len(models), name, model_dir)
@@ -272,8 +274,8 @@ def main(cfg: StageConfig, out: Path, tracker) -> dict:
                 promptings.pop("few_shot", None)
             metrics["tasks"][task] = {}
             for prompting, task_shots in promptings.items():
-                examples = prompted(tokenizer, task, conversations, task_shots, eval_cfg, chat=tuned)
-                task_scores, generations = task_metrics(model, tokenizer, task, examples, eval_cfg, seed)
+                examples = prompted(tokenizer, conversations, task_shots, eval_cfg, code=task == builtin and not tuned)
+                task_scores, generations = task_metrics(model, tokenizer, examples, eval_cfg, seed, task == builtin)
                 metrics["tasks"][task][prompting] = task_scores
                 predictions += [{"model": name, "task": task, "prompting": prompting, **g} for g in generations]
                 log.info("%s %s %s: %s", name, task, prompting, task_scores)
@@ -293,6 +295,7 @@ def main(cfg: StageConfig, out: Path, tracker) -> dict:
         "shots": {task: [shot[-1]["content"] for shot in task_shots] for task, task_shots in shots.items()},
         "harness": dataclasses.asdict(harness_cfg),  # the tasks that ran
         "task_examples": {task: len(conversations) for task, conversations in tests.items()},
+        "builtin_task": builtin,  # the name of the built-in task among them, if it is one
         "test_documents": len(texts),
         "test_bytes": n_bytes,
     }

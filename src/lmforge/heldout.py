@@ -13,27 +13,13 @@ def test_documents(curated: str, limit: int | None = None) -> list[str]:
     return texts[:limit]
 
 
-BUILT_IN = "docstring_to_name"  # the built-in task: a docstring's function name
-
-
 def task_pairs(curated: str, split: str, limit: int | None = None) -> list[dict]:
     return load_split(curated, "task", split).to_list()[:limit]
 
 
-def task_examples(curated: str, split: str, limit: int | None = None) -> dict[str, list[list[dict]]]:
-    """Each task's examples as conversations, the last message the answer: the built-in task's pairs as a user
-    turn (the docstring) and the assistant's answer (the name), as fine-tuning sees them."""
-    pairs = task_pairs(curated, split, limit)
-    return {
-        BUILT_IN: [
-            [{"role": "user", "content": p["docstring"]}, {"role": "assistant", "content": p["name"]}] for p in pairs
-        ]
-    }
-
-
-def answer_of(task: str, generated: str) -> str:
-    """What a generation answers: the built-in task's first identifier, another task's text."""
-    return identifier(generated) if task == BUILT_IN else generated.strip()
+def answer_of(generated: str, builtin: bool) -> str:
+    """What a generation answers: for the built-in task its first identifier (the name), else its text."""
+    return identifier(generated) if builtin else generated.strip()
 
 
 def document_token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
