@@ -199,13 +199,18 @@ def test_lmforge_runs_prints_the_swept_params_and_metrics_sorted(sweep):
     assert lines[0] == "lmforge/demo: 3 configurations"
     assert lines[1].split() == [
         "run_key",
+        "status",
         "train.lr",
         "pretrain_train_loss",
         "pretrain_validation_loss",
         "pretrain_test_bpb",
         "exact_match",
     ]
-    assert [line.split()[0] for line in lines[3:]] == ["cfg_c", "cfg_b", "cfg_a"]
+    assert [line.split()[:2] for line in lines[3:]] == [
+        ["cfg_c", "FINISHED"],
+        ["cfg_b", "FINISHED"],
+        ["cfg_a", "FINISHED"],
+    ]
 
     table = lmforge_runs(sweep, "--csv", "--sort", "train.lr")
     rows = list(csv.DictReader(io.StringIO(table.stdout)))
@@ -214,7 +219,7 @@ def test_lmforge_runs_prints_the_swept_params_and_metrics_sorted(sweep):
     assert float(rows[0]["exact_match"]) == pytest.approx(0.01)
 
     wrong = lmforge_runs(sweep, "--sort", "loss")
-    assert wrong.returncode == 2 and "Columns: run_key, train.lr" in wrong.stderr
+    assert wrong.returncode == 2 and "Columns: run_key, status, train.lr" in wrong.stderr
 
 
 def test_lmforge_runs_takes_the_sweep_overrides_the_pipeline_ran_with(sweep):
@@ -283,7 +288,7 @@ def test_report_plots_the_configurations(sweep, tmp_path):
 
     caption = (out / "configurations.rst").read_text()
     assert "cfg_a" in caption and "0.003" in caption and "tokenizer.vocab_size: 512" in caption
-    assert (out / "runs.csv").read_text().splitlines()[0].startswith("run_key,train.lr,")
+    assert (out / "runs.csv").read_text().splitlines()[0].startswith("run_key,status,train.lr,")
 
 
 def test_metrics_against_one_of_two_swept_params_draw_one_line_per_value_of_the_other(tmp_path):

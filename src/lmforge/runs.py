@@ -20,7 +20,7 @@ from lmforge import history, tracking
 
 
 def load_configurations(uri: str, experiment_name: str) -> list[dict]:
-    """One dict per configuration (a parent run): run_key, run ids, params and summary metrics."""
+    """One dict per configuration (a parent run): run_key, run ids, status, params and summary metrics."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
@@ -33,6 +33,7 @@ def load_configurations(uri: str, experiment_name: str) -> list[dict]:
         {
             "run_key": run.data.tags[history.RUN_KEY_TAG],
             "run_id": run.info.run_id,
+            "status": run.info.status,  # RUNNING while lmforge.watch follows it, FINISHED once merged whole
             "experiment_id": experiment.experiment_id,
             "params": run.data.params,
             "metrics": run.data.metrics,
@@ -55,12 +56,12 @@ def as_number(value):
 
 
 def table(configurations: list[dict]) -> tuple[list, list]:
-    """Header and rows: run_key, the swept params, then the summary metrics any configuration has."""
+    """Header and rows: run_key, status, the swept params, then the summary metrics any configuration has."""
     params = swept_params(configurations)
     metrics = [m for m in history.SUMMARY_METRICS if any(m in c["metrics"] for c in configurations)]
-    header = ["run_key", *params, *metrics]
+    header = ["run_key", "status", *params, *metrics]
     rows = [
-        [c["run_key"], *(c["params"].get(p) for p in params), *(c["metrics"].get(m) for m in metrics)]
+        [c["run_key"], c["status"], *(c["params"].get(p) for p in params), *(c["metrics"].get(m) for m in metrics)]
         for c in configurations
     ]
     return header, rows
