@@ -1,5 +1,7 @@
 # Run history. Stage jobs only write run records into their own directories (lmforge.tracking); these local rules
 # run where Snakemake runs (the login node, which holds the central MLflow store and may reach the internet).
+# Before a configuration's card exists, lmforge.watch (started by common.smk's onstart) merges its running and
+# failed stages every minute; `history` merges the finished configuration whole.
 from lmforge import tracking
 
 
