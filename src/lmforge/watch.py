@@ -80,6 +80,7 @@ def stop() -> None:
     except subprocess.TimeoutExpired:
         _watcher.kill()
         _watcher.wait()
+    Path(_watcher.args[3]).unlink(missing_ok=True)  # its plan file (spawn's command)
     _watcher = None
 
 
@@ -129,6 +130,7 @@ class Watcher:
             if failed:
                 log.info("%s failed before recording: %s", run_cfg["run_key"], ", ".join(failed))
                 history.merge({n: Path(d) for n, d in stages.items()}, run_cfg, final=False, failed_unrecorded=failed)
+                self.seen[run_cfg["run_key"]] = ()
 
     def mark_killed(self) -> None:
         """Snakemake has ended, so no job of its runs: a stage still RUNNING died without recording its end
@@ -137,6 +139,8 @@ class Watcher:
 
         for configuration in self.configurations:
             run_cfg = configuration["run"]
+            if run_cfg["run_key"] not in self.seen:  # nothing of it merged: no store to open (or create)
+                continue
             client = MlflowClient(tracking_uri=tracking.tracking_uri(run_cfg))
             experiment = client.get_experiment_by_name(tracking.experiment_name(run_cfg))
             if experiment is None:
