@@ -51,7 +51,7 @@ def curate(results: Path, corpus: Path, *overrides: str) -> tuple[dict, dict[str
 @pytest.fixture(scope="module")
 def generated(tmp_path_factory):
     root = tmp_path_factory.mktemp("generated")
-    manifest = corpus_gen.generate(root, 700_000, seed=3)
+    manifest = corpus_gen.generate(root, 700_000, seed=6)
     stats, kept = curate(
         root / "results", root, "data.filters.license.enabled=true", f"data.filters.license.allow=[{ALLOWED}]"
     )

@@ -32,7 +32,7 @@ def prose(rng: random.Random, sentences: int = 8) -> str:
 def mixed_corpus(root: Path) -> Path:
     """A generated corpus (one JSON-lines file) plus a Parquet file of small row groups and text files that
     repeat some of its documents, so that duplicates cross files and shards."""
-    corpus_gen.generate(root, 300_000, seed=5)
+    corpus_gen.generate(root, 400_000, seed=5)
     corpus = root / "corpus"
     rows = [json.loads(line) for line in (corpus / "part-00000.jsonl").read_text().splitlines()]
     rng = random.Random(1)

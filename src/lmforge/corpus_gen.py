@@ -194,7 +194,11 @@ def generate(out: Path, n_bytes: int, seed: int) -> dict:
             manifest["junk_lines"].append({"id": doc_id, "lines": lines})
         elif roll < 0.18:
             email, ip = rng.choice(EMAILS), rng.choice(PUBLIC_IPS)
-            text = insert_sentence(prose.document(), f"Write to {email} or reach the server at {ip} for details.", rng)
+            # Inside chain words: scrubbed, a fixed sentence would be one 13-gram in every such document.
+            words = prose.sentence()[:-1].split()
+            words[len(words) // 3 : len(words) // 3] = [email]
+            words[2 * len(words) // 3 : 2 * len(words) // 3] = [ip]
+            text = insert_sentence(prose.document(), " ".join(words) + ".", rng)
             manifest["pii"].append({"id": doc_id, "email": email, "ip": ip})
         elif roll < 0.20:
             passage = rng.choice(evaluation)
