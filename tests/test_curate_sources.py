@@ -127,3 +127,13 @@ def test_a_source_a_job_could_not_read_fails_at_planning(tmp_path, monkeypatch):
         config.load(["data.filters.language.enabled=true"])
     with pytest.raises(config.ConfigError, match="data.decontaminate_against"):
         config.load([f"data.decontaminate_against=[{tmp_path / 'eval.jsonl'}]"])
+
+
+def test_doctor_says_where_each_configuration_reads_its_data(tmp_path, monkeypatch):
+    from lmforge import doctor
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    hub_cache(tmp_path / "hf", "villagers/letters", [{"text": "a letter"}])
+    cfgs = [config.load([f"data.source={source}", *GENERATED]) for source in ("villagers/letters", tmp_path)]
+    status, seen, _ = doctor.check_data(doctor.Context(cfgs))
+    assert status == "OK" and "villagers___letters" in seen and f"local directory {tmp_path}" in seen
