@@ -36,6 +36,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import torch
+from gguf import GGUFReader
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from lmforge import chat, finetune, schema
@@ -46,6 +47,13 @@ LEARNING_RATE = {"lora": 1e-3, "qlora": 1e-3, "full": 5e-5}  # QLoRA: LoRA's ada
 def convert_gguf(gguf: Path, out: Path) -> None:
     """A GGUF checkpoint as a plain Hugging Face directory (transformers refuses to save a GGUF-loaded model)."""
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The file's own end and padding tokens: transformers 5.17 reads SmolLM2's as <|im_start|> (5.23 does not),
+    # and then nothing stops a generation at the end of a turn (lmforge.chat.end_of_turn_ids).
+    metadata = GGUFReader(gguf).fields
+    for name, key in (("eos_token", "tokenizer.ggml.eos_token_id"), ("pad_token", "tokenizer.ggml.padding_token_id")):
+        if key in metadata:
+            field = metadata[key]
+            setattr(tokenizer, name, tokenizer.convert_ids_to_tokens(int(field.parts[field.data[0]][0])))
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     del loaded.config.quantization_config  # dequantized: the copy is an ordinary model
     model = LlamaForCausalLM(loaded.config)
