@@ -136,7 +136,8 @@ def test_lmforge_config_prints_the_composed_configuration():
 GROUP_OPTIONS = [
     (group.name, option.stem)
     for group in sorted(config.CONF_DIR.iterdir())
-    if group.is_dir() and group.name != "sweep"
+    # a sweep expands (below); a recipe is added with +recipe= and reads its data (tests/test_recipe.py)
+    if group.is_dir() and group.name not in ("sweep", "recipe")
     for option in sorted(group.glob("*.yaml"))
 ]
 
