@@ -176,7 +176,9 @@ def test_evaluation_shows_learning_forgetting_and_harness_scores(pipeline):
             assert row[choice] == models[name]["harness"]["lmforge_docstring_to_name_choice"]["acc"]
     assert rows["baseline"]["docstring_to_name.answer_bits_per_byte"] is None and rows["baseline"][choice] is None
     harness_scores = models["finetune"]["harness"]["lmforge_docstring_to_name_choice"]
-    assert harness_scores["examples"] == report["task_examples"]["docstring_to_name"] > 0
+    [curated] = [p for p in (results / "curate").iterdir() if p.is_dir()]
+    test_pairs = json.loads((curated / "manifest.json").read_text())["metrics"]["test_task_pairs"]
+    assert harness_scores["examples"] == test_pairs > 0  # every curated test pair (no eval.harness.limit)
     assert 0 <= harness_scores["acc"] <= 1 and harness_scores["acc_stderr"] > 0
     assert "| model | fine_tuned | test_bits_per_byte |" in (evaluation / "forgetting.md").read_text()
 
