@@ -66,6 +66,9 @@ def evaluation_table(results: dict) -> str:
         cells.append(f"{m['test_perplexity']:.2f}")
         for task in tasks:
             prompting = row[f"{task}.prompting"]
+            if prompting is None:  # a model with no score on the task: the n-gram baseline on a user's dataset
+                cells += ["n/a"] * 3
+                continue
             scores = m["tasks"][task][prompting]
             cells += [prompting_label(prompting, results["num_shots"]), with_error(scores, "answer_bits_per_byte")]
             cells.append(with_error(scores, "exact_match_greedy"))

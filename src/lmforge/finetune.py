@@ -108,6 +108,20 @@ def pack_rows(draws: Iterator, length: Callable, row_tokens: int, rows: int, pac
     return packed
 
 
+def training_rows(
+    examples: list[list[dict]], weights: list[float], rows: int, packing: bool, seed: int
+) -> tuple[list[list[tuple[int, int]]], int]:
+    """`rows` rows of (task, example) drawn from the seeded mixture, and the row length: the longest example's,
+    so packing fills rows and no row is longer than an unpacked batch would be."""
+
+    def length(draw: tuple[int, int]) -> int:
+        return len(examples[draw[0]][draw[1]]["input_ids"])
+
+    row_tokens = max(len(e["input_ids"]) for task in examples for e in task)
+    draws = mixture([len(task) for task in examples], weights, seed)
+    return pack_rows(draws, length, row_tokens, rows, packing), row_tokens
+
+
 def collate(rows: list[list[dict]], pad_id: int) -> dict:
     """Rows of examples, as one tensor each of token ids, labels and position ids, padded to the longest row.
 
@@ -206,14 +220,8 @@ def main(cfg: StageConfig, out: Path, tracker) -> dict:
                 f"than its limit of {task_limit(task, context)} tokens: raise its max_tokens or set overlong=truncate"
             )
 
-    def length(draw: tuple[int, int]) -> int:
-        return len(train_examples[draw[0]][draw[1]]["input_ids"])
-
-    # Rows as long as the longest example: packing fills them, and no row is longer than an unpacked batch's.
-    row_tokens = max(len(e["input_ids"]) for examples in train_examples for e in examples)
     needed = tcfg.steps * tcfg.micro_batch_size * tcfg.grad_accum * tcfg.processes
-    draws = mixture([len(e) for e in train_examples], [t.weight for t in ft_cfg.data], cfg.seed)
-    rows = pack_rows(draws, length, row_tokens, needed, ft_cfg.packing)
+    rows, row_tokens = training_rows(train_examples, [t.weight for t in ft_cfg.data], needed, ft_cfg.packing, cfg.seed)
     drawn = Counter(task for row in rows for task, _ in row)
     log.info(
         "%d training rows of up to %d tokens, %.2f examples per row", len(rows), row_tokens, drawn.total() / len(rows)
