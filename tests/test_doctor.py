@@ -335,7 +335,11 @@ def test_a_sweep_checks_every_configurations_gpus_and_base_model(monkeypatch, tm
     assert status == "OK" and "pretrained model" in seen and str(tmp_path) in seen
 
 
-def test_profile_partition_missing_on_cluster_fails(monkeypatch):
+def test_profile_partition_missing_on_cluster_fails(monkeypatch, tmp_path):
+    # A profile whose default-resources send stages without a partition to one the cluster does not have.
+    profile = tmp_path / "config.yaml"
+    profile.write_text("executor: slurm\ndefault-resources:\n  - slurm_partition=cpu\n  - runtime=60\n")
+    monkeypatch.setattr(doctor, "PROFILE", profile)
     _fake_slurm(monkeypatch, {"sinfo -h -o %P": (0, "batch*\ngpu\n")})
     status, seen, _ = doctor.check_default_partition(_context())
     assert status == "FAIL" and "'cpu', which does not exist" in seen and "batch, gpu" in seen
