@@ -74,8 +74,9 @@ def test_accepted_values_never_reach_a_shell_command(accepted, tmp_path):
         command = snakemake_command(tmp_path / "results", [*TINY, *overrides], "-n", "-p", "--cores", "1")
         run = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
         assert run.returncode == 0, run.stderr[-3000:]
-        # The 12 jobs (9 stages, history, compare, all), paths and commands; not the header, which echoes Snakemake's own command line.
+        # Every job's command (the stage jobs, curate_shard to card, and the local rules), not the header, which
+        # echoes Snakemake's own command line.
         printed = (run.stdout + run.stderr).split("Building DAG of jobs...", 1)[1]
-        assert printed.count("Shell command:") == 12 and "lmforge.history merge" in printed
+        assert printed.count("Shell command:") == 13 and "lmforge.history merge" in printed
         assert str(marker) not in printed, value
         assert not Path(marker).exists() and not (tmp_path / "results").exists()  # a dry run writes nothing
