@@ -272,11 +272,12 @@ def test_requeued_training_resumes_bitwise(slurm_cluster, dirs, tmp_path):
     assert model_bytes(pretrain) == model_bytes(local_pretrain)
 
 
-# ~105 s of training on 2 CPU cores (TINY: ~115 steps/s). Slurm checks time limits every 30 s and sends the
-# warning at the first check less than signal_before_end_s before the end: 25-55 s into a 1-minute job with
-# 35 s; a job trains from ~10 s in. So each job trains 15-45 s: 3 jobs at least here, 2 on a machine 1.5 times
-# faster. Not beside the local run: two 2-thread
-# trainings on 2 cores ran some 40 times slower.
+# ~160 s of training on 2 CPU cores (TINY: ~75 steps/s). A job of the chain spends ~20 s starting (Snakemake's job
+# step, then the stage's imports), and Slurm sends the warning at its first time-limit check (every 30 s) less
+# than signal_before_end_s = 35 s before the end: 85-115 s into a 2-minute job. So each job trains 65-95 s, and
+# the training needs 2 jobs at least, 3 here. A 1-minute walltime, as the issue has it, would leave 5-35 s per
+# job: a dozen jobs for the same training. Not beside the local run: two 2-thread trainings on 2 cores ran some
+# 40 times slower.
 WALLTIME_STEPS = 12000
 
 
@@ -284,7 +285,7 @@ def test_training_past_the_walltime_requeues_itself_to_the_end(slurm_cluster, di
     """One Snakemake run and one Slurm job id: at each walltime warning the trainer checkpoints and requeues
     its job, which resumes, until the last step; the weights equal those of an uninterrupted local run."""
     steps = [f"train.{every}={WALLTIME_STEPS}" for every in ("steps", "checkpoint_every", "eval_every")]
-    walltime = ["resources.pretrain.runtime=1", "resources.pretrain.signal_before_end_s=35"]
+    walltime = ["resources.pretrain.runtime=2", "resources.pretrain.signal_before_end_s=35"]
     slurm_ovr, local_ovr = overrides(dirs, "slurm", *steps, *walltime), overrides(dirs, "local", *steps)
     pretrain, local_pretrain = (plan.stages(config.load(ovr))["pretrain"] for ovr in (slurm_ovr, local_ovr))
     assert pretrain.key == local_pretrain.key  # resources are not part of the key
@@ -327,7 +328,7 @@ def test_training_past_the_walltime_requeues_itself_to_the_end(slurm_cluster, di
     times = [(datetime.fromisoformat(a["started"]), datetime.fromisoformat(a["ended"])) for a in attempts]
     gaps = [(start - end).total_seconds() for (_, end), (start, _) in zip(times, times[1:])]
     print(
-        f"\nwalltime: {restarts + 1} one-minute runs of Slurm job {job['JobId']}, stopped at steps "
+        f"\nwalltime: {restarts + 1} two-minute runs of Slurm job {job['JobId']}, stopped at steps "
         f"{', '.join(map(str, stopped_at))} of {WALLTIME_STEPS}; {slurm_wall:.0f} s wall (local, uninterrupted: "
         f"{local_wall:.0f} s); from one run's exit to the next one's start: {', '.join(f'{g:.0f}' for g in gaps)} s"
     )
