@@ -305,10 +305,9 @@ def main(cfg: StageConfig, out: Path, tracker) -> dict:
         f.writelines(json.dumps(p) + "\n" for p in predictions)
     tracker.log_artifacts([out / "results.json", out / "forgetting.md"])
     metrics = flatten(scored)
-    if finetuned:  # how much of the pretraining corpus fine-tuning forgot, in bits per byte
-        metrics["forgetting.test_bits_per_byte"] = (
-            scored["finetune"]["test_bits_per_byte"] - scored["pretrain"]["test_bits_per_byte"]
-        )
+    if finetuned:  # how much of the pretraining corpus fine-tuning forgot, in bits per byte, against its own base
+        before = scored["base" if "base" in scored else "pretrain"]
+        metrics["forgetting.test_bits_per_byte"] = scored["finetune"]["test_bits_per_byte"] - before["test_bits_per_byte"]
     return metrics
 
 

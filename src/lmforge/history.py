@@ -344,15 +344,17 @@ def merge(stages: dict[str, Path], run_cfg: dict, final: bool = True, failed_unr
     from mlflow.tracking import MlflowClient
 
     uri = tracking.tracking_uri(run_cfg)
-    homes = {name: home for name, directory in stages.items() if (home := record_home(directory)) is not None}
-    records = {name: read_record(home) for name, home in homes.items()}
-    records.update({name: unrecorded_failure(name, stages[name], run_cfg) for name in failed_unrecorded})
-    homes.update({name: Path(stages[name]) for name in failed_unrecorded})
-    if not records:
-        return {}
-    curate = Path(stages["curate"]) if "curate" in stages and Path(stages["curate"]).is_dir() else None
-    context = {"run": run_cfg, "curate": curate}
     with store_lock(uri):
+        # The records are read holding the lock: a watcher's merge that waited on the `history` rule's must not
+        # then write a stage's RUNNING state from before the final merge over its FINISHED run.
+        homes = {name: home for name, directory in stages.items() if (home := record_home(directory)) is not None}
+        records = {name: read_record(home) for name, home in homes.items()}
+        records.update({name: unrecorded_failure(name, stages[name], run_cfg) for name in failed_unrecorded})
+        homes.update({name: Path(stages[name]) for name in failed_unrecorded})
+        if not records:
+            return {}
+        curate = Path(stages["curate"]) if "curate" in stages and Path(stages["curate"]).is_dir() else None
+        context = {"run": run_cfg, "curate": curate}
         check_store(uri)
         client = MlflowClient(tracking_uri=uri)
         experiment = experiment_id(client, run_cfg)
