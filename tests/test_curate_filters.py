@@ -137,3 +137,16 @@ def test_the_repetition_rules_on_word_ids_give_datatroves_verdicts(tmp_path):
     assert all(a == b for a, b in verdicts)
     reasons = {str(a) for a, _ in verdicts}
     assert {"True", "(False, 'duplicated_5_n_grams')", "(False, 'top_2_gram')"} <= reasons, reasons
+
+
+def test_an_ngram_many_training_documents_share_is_boilerplate_not_a_leak():
+    header = "licensed to the python software foundation under a contributor agreement see license for details"
+    leak = "the quick brown fox jumps over the lazy dog while seven wizards quietly judge boxing matches"
+    index = dedup.NgramIndex(13)
+    index.add(f"{header}. A test document. {leak}.")
+    index.freeze()
+    training = [f"{header}. Training file {i}: " + " ".join(f"word{i}_{j}" for j in range(20)) for i in range(5)]
+    training.append(f"A training file that copied the test passage: {leak}.")
+    assert all(index.contaminated(text) for text in training)  # every n-gram counts: all six share one
+    assert index.exempt_common(training, max_documents=3) == 2  # the header's 14 words: 2 n-grams, in 5 files
+    assert [index.contaminated(text) for text in training] == [False] * 5 + [True]

@@ -243,7 +243,13 @@ def filters_description(data_cfg: DataConfig) -> str:
         f"- Decontamination: training documents sharing a {data_cfg.decontamination.ngram}-word n-gram with the "
         "test split, the built-in task's held-out docstrings"
         + (f" or {', '.join(data_cfg.decontaminate_against)}" if data_cfg.decontaminate_against else "")
-        + (" dropped." if data_cfg.decontamination.enabled else ": off."),
+        + (" dropped" if data_cfg.decontamination.enabled else ": off")
+        + (
+            f" (n-grams held by more than {data_cfg.decontamination.max_documents} training documents are "
+            "boilerplate and do not count)."
+            if data_cfg.decontamination.enabled and data_cfg.decontamination.max_documents is not None
+            else "."
+        ),
         f"- Split by a hash of the document id ({data_cfg.validation_fraction:.0%} validation, "
         f"{data_cfg.test_fraction:.0%} test); {data_cfg.shards} shard job(s), then one merge job.",
     ]
@@ -323,6 +329,11 @@ def main(cfg: StageConfig, out: Path, tracker) -> dict:
             evaluation.add(text)
     evaluation.freeze()
     stats.update(decontamination_texts=evaluation.texts, decontamination_ngrams=len(evaluation.grams))
+    if data_cfg.decontamination.enabled and data_cfg.decontamination.max_documents is not None:
+        training = assign_split(kept_documents(shards, kept, read, batch_size), *fractions)
+        stats["decontamination_ngrams_boilerplate"] = evaluation.exempt_common(
+            (doc["text"] for doc in training if doc["split"] == "train"), data_cfg.decontamination.max_documents
+        )
     stats["decontamination_texts_too_short"] = evaluation.short_texts
 
     summary_splits = {split: {"documents": 0, "bytes": 0} for split in SPLITS}

@@ -130,12 +130,17 @@ def ngram_hashes(text: str, n: int) -> np.ndarray:
 
 
 class NgramIndex:
-    """The n-grams of evaluation texts; a training text that shares one with them is contaminated."""
+    """The n-grams of evaluation texts; a training text that shares one with them is contaminated.
+
+    An n-gram that many training documents share (a licence header, a common idiom of code) is boilerplate,
+    not a leak: after `exempt_common`, n-grams found in more than that many training documents do not count.
+    """
 
     def __init__(self, n: int):
         self.n = n
         self.parts: list[np.ndarray] = []
         self.grams = np.empty(0, dtype=np.uint64)
+        self.counted = np.empty(0, dtype=bool)  # per n-gram: whether it counts (not boilerplate)
         self.texts = self.short_texts = 0
 
     def add(self, text: str) -> None:
@@ -149,12 +154,25 @@ class NgramIndex:
 
     def freeze(self) -> NgramIndex:
         self.grams = np.unique(np.concatenate([self.grams, *self.parts]))
+        self.counted = np.ones(len(self.grams), dtype=bool)
         self.parts = []
         return self
 
-    def contaminated(self, text: str) -> bool:
+    def found(self, text: str) -> np.ndarray:
+        """Indices of the evaluation n-grams the text holds, each once."""
         grams = ngram_hashes(text, self.n)
         if not len(grams) or not len(self.grams):
-            return False
+            return np.empty(0, dtype=np.int64)
         at = np.searchsorted(self.grams, grams).clip(max=len(self.grams) - 1)
-        return bool((self.grams[at] == grams).any())
+        return np.unique(at[self.grams[at] == grams])
+
+    def exempt_common(self, training_texts: Iterable[str], max_documents: int) -> int:
+        """Stop counting the n-grams more than `max_documents` training texts hold; returns how many."""
+        documents = np.zeros(len(self.grams), dtype=np.int64)
+        for text in training_texts:
+            documents[self.found(text)] += 1
+        self.counted = documents <= max_documents
+        return int((~self.counted).sum())
+
+    def contaminated(self, text: str) -> bool:
+        return bool(self.counted[self.found(text)].any())

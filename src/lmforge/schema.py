@@ -163,6 +163,9 @@ class DecontaminationConfig:
 
     enabled: bool = True
     ngram: int = setting(13, at_least(1))
+    # An n-gram more training documents hold than this is boilerplate (a licence header, an idiom of code), not a
+    # leak, and does not count; None: every shared n-gram counts.
+    max_documents: int | None = setting(10, at_least(1))
 
 
 @dataclass
