@@ -28,7 +28,7 @@ from tests.stages import TINY, small_corpus_data
 
 pytestmark = pytest.mark.slurm
 
-RULES = ("curate_shard", "curate", "tokenizer", "baseline", "pretrain", "finetune", "quantize", "evaluate", "card")
+RULES = ("curate_shard", "curate", "tasks", "tokenizer", "baseline", "pretrain", "finetune", "quantize", "evaluate", "card")
 GPU_STAGES = ("pretrain", "finetune", "evaluate")
 GPU_RESOURCES = [f"resources.{s}.{k}={v}" for s in GPU_STAGES for k, v in (("partition", "gpu"), ("gpus", 1))]
 SUBMITTED = re.compile(r"submitted with SLURM jobid (\d+) \(log: (\S+)\)")
