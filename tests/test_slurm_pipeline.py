@@ -346,7 +346,9 @@ def test_a_job_that_trained_no_further_since_its_last_requeue_is_not_requeued(tm
 def test_failed_job_is_reported_and_retried_with_more_time(slurm_cluster, dirs, tmp_path):
     # A file where the checkpoint directory goes: the first attempt fails at its first checkpoint. Removed once
     # that job has failed, before the retry (submitted after the next status check) gets there.
-    ovr = overrides(dirs, "slurm", "resources.pretrain.runtime=1", "resources.pretrain.signal_before_end_s=null")
+    # train.warmup_steps=3: a pretraining of its own, not the one test_dag_runs_as_slurm_jobs left finished here.
+    walltime = ["resources.pretrain.runtime=1", "resources.pretrain.signal_before_end_s=null"]
+    ovr = overrides(dirs, "slurm", "train.warmup_steps=3", *walltime)
     pretrain = plan.stages(config.load(ovr))["pretrain"]
     checkpoint = Path(pretrain.config["run"]["checkpoint_dir"])
     shutil.rmtree(checkpoint, ignore_errors=True)
