@@ -241,7 +241,7 @@ def filters_description(data_cfg: DataConfig) -> str:
         f"(MinHash LSH, {d.ngram}-word shingles, {d.bands} bands x {d.rows} rows, estimated Jaccard >= "
         f"{d.threshold}): {'dropped' if d.near else 'kept'}; the earliest document of the source is kept.",
         f"- Decontamination: training documents sharing a {data_cfg.decontamination.ngram}-word n-gram with the "
-        "test split, the built-in task's held-out docstrings"
+        "test split, the held-out pairs of the built-in task where it runs"
         + (f" or {', '.join(data_cfg.decontaminate_against)}" if data_cfg.decontaminate_against else "")
         + (" dropped" if data_cfg.decontamination.enabled else ": off")
         + (
