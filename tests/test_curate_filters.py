@@ -30,6 +30,8 @@ def curate(results: Path, corpus: Path, *overrides: str) -> tuple[dict, dict[str
             "data.validation_fraction=0",
             "data.test_fraction=0",  # every document is a training document: each leak is decontaminated
             f"data.decontaminate_against=[{corpus / 'eval.jsonl'}]",
+            "data.decontamination.ngram=13",  # the schema's default for prose (the stdlib's code default is 30)
+            "data.decontamination.max_documents=10",
             *overrides,
         ],
     )
@@ -128,15 +130,21 @@ def test_the_repetition_rules_on_word_ids_give_datatroves_verdicts(tmp_path):
 
     corpus_gen.generate(tmp_path, 150_000, seed=8)
     texts = [json.loads(line)["text"] for line in (tmp_path / "corpus" / "part-00000.jsonl").read_text().splitlines()]
-    for text in texts[:20]:  # repeated passages and phrases, so that each kind of rule fires
+    for text in texts[:20]:  # repeated passages, phrases and word pairs, so that each kind of rule fires
         words = text.split()
-        texts += [" ".join(words[:40] * 3 + words[40:80]), " ".join(words[:7] * 12 + words[7:60])]
+        texts += [
+            " ".join(words[:40] * 3 + words[40:80]),
+            " ".join(words[:7] * 12 + words[7:60]),
+            " ".join(words[:2] * 20 + words[2:60]),
+        ]
     theirs = GopherRepetitionFilter(language=filters.WORDS)
     ours = filters.GopherRepetitionOnIds(language=filters.WORDS)
     verdicts = [(theirs.filter(Document(text=t, id="")), ours.filter(Document(text=t, id=""))) for t in texts]
     assert all(a == b for a, b in verdicts)
     reasons = {str(a) for a, _ in verdicts}
-    assert {"True", "(False, 'duplicated_5_n_grams')", "(False, 'top_2_gram')"} <= reasons, reasons
+    assert {"True", "(False, 'duplicated_5_n_grams')", "(False, 'top_2_gram')", "(False, 'top_3_gram')"} <= reasons, (
+        reasons
+    )
 
 
 def test_an_ngram_many_training_documents_share_is_boilerplate_not_a_leak():

@@ -3,13 +3,13 @@
     python -m lmforge.corpus_gen OUT --bytes 20000000 --seed 0
 
 Writes OUT/corpus/part-NNNNN.jsonl (rows: id, text, license), OUT/eval.jsonl (evaluation passages, for
-data.decontaminate_against) and OUT/manifest.json. Deterministic for a seed on one machine: the text comes
-from what is installed here.
+data.decontaminate_against) and OUT/manifest.json. Deterministic for a seed and a Python version: all its
+text comes from the standard library, never from whatever else is installed.
 
 Clean documents are of two kinds: code, the standard library's .py files (each at most once, ids ending in
 .py, so data.profile=auto treats them as code), and English prose, sentences from a word-bigram chain over
-the installed packages' descriptions and licences (site-packages/*.dist-info), so prose never runs out and
-two documents share no long passage by chance. Injected, each after its original and listed in the manifest:
+the Python reference manual that ships in the standard library (pydoc_data.topics, what `help()` shows), so
+prose never runs out and two documents share no long passage by chance. Injected, each after its original and listed in the manifest:
 
   near_duplicate     a clean document with 1% of its words replaced          -> dropped (near-duplicate)
   exact_duplicate    a clean document again                                   -> dropped (duplicate)
@@ -27,10 +27,10 @@ import json
 import logging
 import random
 import re
-import sysconfig
 import time
 from collections import defaultdict
 from pathlib import Path
+from pydoc_data.topics import topics as pydoc_topics
 
 from lmforge.sources import stdlib_files
 
@@ -48,18 +48,14 @@ PUBLIC_IPS = ("93.184.216.34", "151.101.1.69", "140.82.112.3")
 
 
 class Prose:
-    """English-like sentences from a word-bigram chain over the installed packages' descriptions and licences."""
+    """English-like sentences from a word-bigram chain over the Python reference manual's topics."""
 
     def __init__(self, rng: random.Random):
         self.rng = rng
-        site = Path(sysconfig.get_paths()["purelib"])
-        texts = []
-        for info in sorted(site.glob("*.dist-info")):
-            metadata = info / "METADATA"
-            if metadata.is_file():
-                texts.append(metadata.read_text(errors="ignore").split("\n\n", 1)[-1])
-            texts.extend(p.read_text(errors="ignore") for p in sorted(info.rglob("LICEN[CS]E*")) if p.is_file())
-        words = [w for w in re.findall(r"[A-Za-z][a-z']*[a-z]|[.]", "\n".join(texts)) if w.lower() not in RULE_WORDS]
+        # The same text wherever this Python runs: a chain over the venv's package metadata changed with every
+        # dependency's release, and so did which generated documents the filters' tests saw.
+        text = "\n".join(pydoc_topics[name] for name in sorted(pydoc_topics))
+        words = [w for w in re.findall(r"[A-Za-z][a-z']*[a-z]|[.]", text) if w.lower() not in RULE_WORDS]
         self.next: dict[str, list[str]] = defaultdict(list)
         for a, b in zip(words, words[1:]):
             self.next[a.lower()].append(b.lower())
@@ -122,6 +118,18 @@ def junk(kind: str, prose: Prose, rng: random.Random) -> str:
 
 
 JUNK = {"lorem_ipsum": "c4_lines", "repeated_lines": "gopher_repetition", "symbols": "gopher_quality"}
+# Documents of each kind in every block of 100: a small corpus holds each kind, a large one the same shares.
+SHARES = {
+    "code": 5,
+    "near_duplicate": 5,
+    "exact_duplicate": 2,
+    "junk": 3,
+    "junk_lines": 2,
+    "pii": 2,
+    "leaked": 2,
+    "other_license": 1,
+}
+SHARES["clean"] = 100 - sum(SHARES.values())
 
 
 def generate(out: Path, n_bytes: int, seed: int) -> dict:
@@ -158,41 +166,43 @@ def generate(out: Path, n_bytes: int, seed: int) -> dict:
             part, rows = part + 1, []
 
     number = 0
+    kinds: list[str] = []
     while written < n_bytes:
         number += 1
         doc_id = f"doc-{number:08d}"
         license = rng.choice(LICENSES)
-        roll = rng.random()
-        clean = roll < 0.05 or roll >= 0.21  # code or clean prose: what a later injection may copy
-        if roll < 0.05 and code_files:
+        if not kinds:  # each block of documents holds every kind in its share, in a shuffled order
+            kinds = [kind for kind, count in SHARES.items() for _ in range(count)]
+            rng.shuffle(kinds)
+        kind = kinds.pop()
+        if kind in ("near_duplicate", "exact_duplicate") and not recent:
+            kind = "clean"
+        if kind == "code" and not code_files:
+            kind = "clean"
+        clean = kind in ("code", "clean")  # what a later injection may copy
+        if kind == "code":
             path = code_files.pop()
             doc_id = f"stdlib/{path.name}.{number}.py"
             text = path.read_text(encoding="utf-8", errors="replace")
             manifest["code"].append(doc_id)
-        elif roll < 0.05:
-            text = prose.document()
-            manifest["clean"].append(doc_id)
-        elif recent and roll < 0.10:
-            original = rng.choice(recent)
-            text = replace_words(original["text"], 0.01, prose.vocabulary, rng)
-            doc_id += ".py" if original["id"].endswith(".py") else ""
-            manifest["near_duplicate"].append({"id": doc_id, "original": original["id"]})
-        elif recent and roll < 0.12:
+        elif kind in ("near_duplicate", "exact_duplicate"):
             original = rng.choice(recent)
             text = original["text"]
+            if kind == "near_duplicate":
+                text = replace_words(text, 0.01, prose.vocabulary, rng)
             doc_id += ".py" if original["id"].endswith(".py") else ""
-            manifest["exact_duplicate"].append({"id": doc_id, "original": original["id"]})
-        elif roll < 0.14:
-            kind = rng.choice(sorted(JUNK))
-            text = junk(kind, prose, rng)
-            manifest["junk"].append({"id": doc_id, "kind": kind, "filter": JUNK[kind]})
-        elif roll < 0.16:
+            manifest[kind].append({"id": doc_id, "original": original["id"]})
+        elif kind == "junk":
+            junk_kind = rng.choice(sorted(JUNK))
+            text = junk(junk_kind, prose, rng)
+            manifest["junk"].append({"id": doc_id, "kind": junk_kind, "filter": JUNK[junk_kind]})
+        elif kind == "junk_lines":
             lines = rng.sample(JUNK_LINES, 2)
             text = prose.document()
             for line in lines:
                 text = insert_sentence(text, line, rng)
             manifest["junk_lines"].append({"id": doc_id, "lines": lines})
-        elif roll < 0.18:
+        elif kind == "pii":
             email, ip = rng.choice(EMAILS), rng.choice(PUBLIC_IPS)
             # Inside chain words: scrubbed, a fixed sentence would be one 13-gram in every such document.
             words = prose.sentence()[:-1].split()
@@ -200,11 +210,11 @@ def generate(out: Path, n_bytes: int, seed: int) -> dict:
             words[2 * len(words) // 3 : 2 * len(words) // 3] = [ip]
             text = insert_sentence(prose.document(), " ".join(words) + ".", rng)
             manifest["pii"].append({"id": doc_id, "email": email, "ip": ip})
-        elif roll < 0.20:
+        elif kind == "leaked":
             passage = rng.choice(evaluation)
             text = insert_sentence(prose.document(), passage, rng)
             manifest["leaked"].append({"id": doc_id, "passage": passage})
-        elif roll < 0.21:
+        elif kind == "other_license":
             text, license = prose.document(), OTHER_LICENSE
             manifest["other_license"].append(doc_id)
         else:
