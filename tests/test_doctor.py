@@ -252,6 +252,18 @@ def test_requests_the_cluster_would_refuse_fail_naming_the_stage(slurm_cluster, 
     assert "curate" not in line and "pretrain" not in line  # the requests the cluster takes are not named
 
 
+def test_job_requests_carry_the_profiles_default_resources(slurm_cluster, monkeypatch, tmp_path):
+    """An account or constraint put in the profile's default-resources (as the README advises for an account)
+    is part of every job's sbatch line, so doctor's test submission must carry it too."""
+    profile = tmp_path / "config.yaml"
+    profile.write_text("executor: slurm\ndefault-resources:\n  - constraint=no_such_feature\n  - runtime=60\n")
+    monkeypatch.setattr(doctor, "PROFILE", profile)
+    status, seen, _ = doctor.check_submission(_context())
+    assert status == "FAIL" and "--constraint=no_such_feature" in seen and "curate" in seen, seen
+    monkeypatch.setattr(doctor, "PROFILE", tmp_path / "no_profile.yaml")
+    assert doctor.check_submission(_context())[0] == "OK"
+
+
 def test_sbatch_options_are_the_plugins_flags():
     stage = doctor.plan.stages(
         _context(

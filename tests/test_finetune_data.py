@@ -183,7 +183,12 @@ def test_a_hub_dataset_is_read_from_the_hf_cache_offline(tmp_path, monkeypatch):
 
 
 def test_bad_task_settings_fail_at_planning_naming_their_keys(datasets_dir):
+    (datasets_dir / "empty.jsonl").write_text("\n")
     cases = {
+        task("a", datasets_dir / "empty.jsonl"): "has no rows",
+        task("a", datasets_dir / "pairs.jsonl", format="prompt_response", prompt_field="question"): (
+            "'finetune.data.0.prompt_field=question': none of the first"
+        ),
         task("a", datasets_dir / "missing.jsonl"): "'finetune.data.0.source=",
         "{name:a,source:" + str(datasets_dir / "chat.jsonl") + "}": "'finetune.data.0.license' is not set",
         task("a", datasets_dir / "chat.jsonl", test_split="test"): "'finetune.data.0.test_split=test'",

@@ -290,6 +290,7 @@ def test_compiling_keeps_the_plain_model_state_dict():
         (["finetune.train.zero_stage=2", "finetune.train.offload=optimizer+parameters"], ">= 3"),
         (["train.compile=true", "train.zero_stage=3"], "not supported with ZeRO-3"),
         (["train.precision=fp16"], "must be one of fp32, bf16"),
+        (["resources.pretrain.runtime=1"], "'resources.pretrain.signal_before_end_s=120' leaves less than half"),
     ],
 )
 def test_training_options_that_cannot_run_fail_at_planning(overrides, message):

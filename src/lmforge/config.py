@@ -245,6 +245,14 @@ def check_consistency(cfg: DictConfig) -> None:
                 f"'{spec.train}.processes={tcfg.processes}' but the stage asks Slurm for {gpus} GPUs "
                 f"({stage_resources.gpus} per node x {stage_resources.nodes} nodes): training runs one process per GPU."
             )
+        warning_s = stage_resources.signal_before_end_s
+        if warning_s and warning_s >= stage_resources.runtime * 60 / 2:
+            # The warning would come before the job had trained: it would checkpoint, requeue, and train nothing.
+            raise ConfigError(
+                f"'resources.{name}.signal_before_end_s={warning_s}' leaves less than half of "
+                f"'resources.{name}.runtime={stage_resources.runtime}' minutes to train before the walltime warning: "
+                "lower it or raise the runtime."
+            )
         if tcfg.compile and tcfg.zero_stage == 3:
             raise ConfigError(
                 f"'{spec.train}.compile=true' is not supported with ZeRO-3 (its parameter gathering breaks the graph)."

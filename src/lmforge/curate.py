@@ -190,10 +190,9 @@ def check_task(pairs: list[dict], finetune_cfg: FinetuneConfig, source: str) -> 
             "evaluate without fine-tuning"
         )
     if builtin and pairs and not counts["test"]:
-        print(
-            f"warning: no test pairs among the {len(pairs)} task pairs: the task's exact match is n/a, "
-            "only bits per byte are evaluated",
-            file=sys.stderr,
+        log.warning(
+            "no test pairs among the %d task pairs: the task's exact match is n/a, only bits per byte are evaluated",
+            len(pairs),
         )
 
 
@@ -341,7 +340,7 @@ def main(cfg: StageConfig, out: Path, tracker) -> dict:
     stats["dropped_contaminated"] = 0
     (out / "data").mkdir()
     writers = {split: pq.ParquetWriter(out / "data" / f"{split}.parquet", DOC_SCHEMA) for split in SPLITS}
-    start, done = time.monotonic(), 0
+    progress, done = stage.Progress(log, "merge: written", int(kept.sum()), " documents"), 0
     with writers["train"], writers["validation"], writers["test"]:
         columns_read = list(DOC_COLUMNS)
         docs = assign_split(kept_documents(shards, kept, columns_read, batch_size), *fractions)
@@ -361,8 +360,7 @@ def main(cfg: StageConfig, out: Path, tracker) -> dict:
                 writers[split].write_table(pa.Table.from_pylist(buffers[split], schema=DOC_SCHEMA))
                 buffers[split] = []
             done += 1
-            if done % (50 * batch_size) == 0:
-                log.info("written %d documents, %.1f s", done, time.monotonic() - start)
+            progress(done)
         for split in SPLITS:
             writers[split].write_table(pa.Table.from_pylist(buffers[split], schema=DOC_SCHEMA))
     documents = sum(s["documents"] for s in summary_splits.values())

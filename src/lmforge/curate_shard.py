@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from itertools import islice
@@ -60,7 +59,9 @@ def main(cfg: StageConfig, out: Path, tracker) -> dict:
     sign = dedup.Signer(data_cfg.dedup, filters.WORDS)
     docs_schema = schema(sign.size)
     written = n_bytes = 0
-    start = time.monotonic()
+    progress = stage.Progress(
+        log, f"shard {shard + 1}/{shards}: read", sources.shard_megabytes(data_cfg, shards), " MB"
+    )
     with pq.ParquetWriter(out / "docs.parquet", docs_schema) as writer:
         for batch in batches(docs, data_cfg.batch_size):
             for doc in batch:
@@ -71,11 +72,7 @@ def main(cfg: StageConfig, out: Path, tracker) -> dict:
             writer.write_table(pa.Table.from_pylist(batch, schema=docs_schema))
             written += len(batch)
             n_bytes += sum(doc["n_bytes"] for doc in batch)
-            elapsed = time.monotonic() - start
-            log.info(
-                "shard %d/%d: %d documents kept of %d read, %.1f MB, %.2f MB/s",
-                shard + 1, shards, written, stats["rows_read"], n_bytes / 1e6, n_bytes / 1e6 / max(elapsed, 1e-9),
-            )  # fmt: skip
+            progress(stats["bytes_read"] / 1e6, f"({written} documents kept of {stats['rows_read']} read)")
     if stats["broken_rows"]:
         log.warning("skipped %d broken rows of %d", stats["broken_rows"], stats["rows_read"])
     summary = {k: int(v) for k, v in sorted(stats.items())}

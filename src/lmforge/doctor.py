@@ -178,13 +178,18 @@ def _profile() -> dict:
     return loaded if isinstance(loaded, dict) else {}
 
 
-def profile_partition() -> str | None:
-    """The slurm_partition in profiles/slurm's default-resources: where stages without a partition go."""
+def profile_resources() -> dict[str, str]:
+    """profiles/slurm's default-resources: what every job asks for unless its stage says otherwise."""
+    resources = {}
     for item in _profile().get("default-resources") or []:
         key, _, value = str(item).partition("=")
-        if key.strip() == "slurm_partition":
-            return value.strip().strip("'\"") or None
-    return None
+        resources[key.strip()] = value.strip().strip("'\"")
+    return resources
+
+
+def profile_partition() -> str | None:
+    """The slurm_partition in profiles/slurm's default-resources: where stages without a partition go."""
+    return profile_resources().get("slurm_partition") or None
 
 
 # --- the checks ------------------------------------------------------------------------------
@@ -469,7 +474,7 @@ def check_submission(ctx: Context) -> Result:
     requests: dict[tuple, list[str]] = {}
     for cfg in ctx.cfgs:
         for stage in plan.stages(cfg).values():
-            options = tuple(sbatch_options(slurm_resources(stage)))
+            options = tuple(sbatch_options({**profile_resources(), **slurm_resources(stage)}))
             requests.setdefault(options, []).append(stage.name)
     refused = []
     for options, names in requests.items():

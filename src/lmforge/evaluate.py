@@ -262,6 +262,7 @@ def main(cfg: StageConfig, out: Path, tracker) -> dict:
 
     scored = {"baseline": baseline_results(inputs["baseline"], builtin)}
     predictions = []
+    progress = stage.Progress(log, "models scored:", len(models), every_s=0)
     for number, (name, (model_dir, tuned)) in enumerate(models.items(), 1):
         log.info("model %d/%d: %s (%s)", number, len(models), name, model_dir)
         model, tokenizer = load(model_dir)
@@ -281,8 +282,8 @@ def main(cfg: StageConfig, out: Path, tracker) -> dict:
                 log.info("%s %s %s: %s", name, task, prompting, task_scores)
         if harness_cfg.tasks:
             metrics["harness"] = harness.evaluate(model, tokenizer, harness_cfg, manager, harness_specs, tuned, seed)
-        log.info("%s: test bits/byte %.4f", name, metrics["test_bits_per_byte"])
         scored[name] = metrics
+        progress(number, f"({name}: test bits/byte {metrics['test_bits_per_byte']:.4f})")
 
     forgetting = forgetting_table(scored, {name: tuned for name, (_, tuned) in models.items()}, eval_cfg.num_shots)
     report = {
@@ -307,7 +308,9 @@ def main(cfg: StageConfig, out: Path, tracker) -> dict:
     metrics = flatten(scored)
     if finetuned:  # how much of the pretraining corpus fine-tuning forgot, in bits per byte, against its own base
         before = scored["base" if "base" in scored else "pretrain"]
-        metrics["forgetting.test_bits_per_byte"] = scored["finetune"]["test_bits_per_byte"] - before["test_bits_per_byte"]
+        metrics["forgetting.test_bits_per_byte"] = (
+            scored["finetune"]["test_bits_per_byte"] - before["test_bits_per_byte"]
+        )
     return metrics
 
 

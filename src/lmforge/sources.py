@@ -60,6 +60,7 @@ def read_text_file(path: Path, doc_id: str, order: int, stats: Counter) -> Itera
     """A whole file is one document; a leading UTF-8 BOM is dropped, a file that is not UTF-8 is a broken row."""
     raw = path.read_bytes()
     stats["rows_read"] += 1
+    stats["bytes_read"] += len(raw)
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
@@ -104,6 +105,7 @@ def read_jsonl(
                 continue
             rows += 1
             stats["rows_read"] += 1
+            stats["bytes_read"] += len(line)
             try:
                 row = json.loads(line.decode("utf-8"))
                 text = row[text_field]
@@ -166,6 +168,7 @@ def from_rows(
         if not isinstance(text, str):
             broken += 1
             continue
+        stats["bytes_read"] += len(text.encode())
         doc_id = str(row.get("id", f"{id_prefix}:{index}"))
         license = row_license(row, data_cfg.license_field)
         yield document(doc_id, text, text.encode(), position(file_number, index), license)
@@ -268,6 +271,26 @@ def read_hub(data_cfg: DataConfig, stats: Counter, shard: int, shards: int) -> I
         require_text_column(data_cfg.source, names, data_cfg.text_field)
     rows = ((index, row) for index, row in enumerate(dataset) if index % shards == shard)
     yield from from_rows(rows, data_cfg.source, data_cfg.source, 0, data_cfg, stats)
+
+
+def shard_megabytes(data_cfg: DataConfig, shards: int) -> float | None:
+    """About how many MB of the source one shard reads (of a Parquet file, its row groups' uncompressed size);
+    None for a Hub dataset, whose size is not known before it is streamed."""
+    if data_cfg.source == "stdlib":
+        _, files = stdlib_files()
+    else:
+        path = Path(data_cfg.source).expanduser()
+        if not path.exists():
+            return None
+        files = source_files(path, Counter()) if path.is_dir() else [path]
+
+    def size(file: Path) -> int:
+        if file.suffix.lower() == ".parquet":
+            metadata = pq.ParquetFile(file).metadata
+            return sum(metadata.row_group(g).total_byte_size for g in range(metadata.num_row_groups))
+        return file.stat().st_size
+
+    return sum(size(f) for f in files) / shards / 1e6
 
 
 # -- one shard of any source -------------------------------------------------------------------------------

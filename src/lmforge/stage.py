@@ -29,6 +29,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -159,6 +160,25 @@ def empty_except(directory: Path, kept: str) -> None:
             shutil.rmtree(path)
         else:
             path.unlink()
+
+
+class Progress:
+    """Logs `done/total`, the rate and an ETA at this job's pace every `every_s` seconds, so that a long
+    curation or evaluation shows where it is. `total` None (a streamed Hub dataset): no ETA."""
+
+    def __init__(self, log: logging.Logger, what: str, total: float | None, unit: str = "", every_s: float = 30):
+        self.log, self.what, self.total, self.unit, self.every_s = log, what, total, unit, every_s
+        self.start = self.last = time.monotonic()
+
+    def __call__(self, done: float, detail: str = "") -> None:
+        now = time.monotonic()
+        if now - self.last < self.every_s:
+            return
+        self.last = now
+        rate = done / max(now - self.start, 1e-9)
+        of = f"/{self.total:.6g}" if self.total is not None else ""
+        eta = f" eta={max(self.total - done, 0) / rate / 60:.1f}min" if self.total is not None and rate > 0 else ""
+        self.log.info(f"{self.what} {done:.6g}{of}{self.unit} {rate:.1f}{self.unit}/s{eta} {detail}".rstrip())
 
 
 class StageError(Exception):

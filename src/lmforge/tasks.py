@@ -30,6 +30,7 @@ import logging
 import zlib
 from collections import Counter
 from collections.abc import Iterator
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -112,7 +113,27 @@ def source_problem(task: FinetuneTaskConfig) -> tuple[str, str] | None:
         if split is not None and split not in files:
             where = f"the file {path} is the train split only" if path.is_file() else f"{path} has {sorted(files)}"
             return setting, f"no such split ({where}; a directory's splits are its {'/'.join(SUFFIXES)} files' names)"
-    return None
+    return first_rows_problem(task, files[task.train_split])
+
+
+def first_rows_problem(task: FinetuneTaskConfig, train_file: Path, rows: int = 20) -> tuple[str, str] | None:
+    """A train split with no rows, or whose first rows are none of them a conversation of the task's format
+    (wrong field names, say), would fail only in the tasks job, beside pretraining: planning reads a few."""
+    read = read_parquet if train_file.suffix == ".parquet" else read_jsonl
+    problems = []
+    for _, row in islice(read(train_file), rows):
+        try:
+            if isinstance(row, Broken):
+                raise row
+            to_conversation(row, task)
+            return None
+        except Broken as err:
+            problems.append(str(err))
+    if not problems:
+        return "source", f"the train split {train_file} has no rows"
+    setting = {"chat": "messages_field", "prompt_response": "prompt_field"}.get(task.format, "format")
+    kind = {"chat": "chat", "prompt_response": "prompt/response"}.get(task.format, "chat or prompt/response")
+    return setting, f"none of the first {len(problems)} rows of {train_file} is a {kind} example: {problems[0]}"
 
 
 # -- reading rows ----------------------------------------------------------------------------------------
