@@ -232,7 +232,7 @@ def test_a_watcher_stopped_by_snakemake_merges_last_and_marks_unfinished_stages_
 
 
 def test_the_card_and_the_shipped_model_are_on_the_configuration_s_run(tmp_path):
-    run_cfg = run_config(tmp_path, "cfg_card")
+    run_cfg = {**run_config(tmp_path, "cfg_card"), "register_model": "tiny-lm"}
     card = record_stage(tmp_path, "card", "card0", run_cfg, {"card": {"model_name": "tiny"}})
     (card / "model").mkdir()
     (card / "model" / "README.md").write_text("---\nlicense: apache-2.0\n---\n# tiny\n")
@@ -251,5 +251,9 @@ def test_the_card_and_the_shipped_model_are_on_the_configuration_s_run(tmp_path)
     assert stored == {"MLmodel", "README.md", "config.json"}  # not the weights
     for run_id in (merged["parent_run_id"], merged["runs"]["card"]):  # the Models column of both runs
         assert [o.model_id for o in client.get_run(run_id).outputs.model_outputs] == [model.model_id]
-    history.merge({"card": card}, run_cfg)  # merging again logs no second model
+    [version] = client.search_model_versions("name = 'tiny-lm'")  # run.register_model
+    assert version.source == model.artifact_location and version.run_id == merged["runs"]["card"]
+    assert version.tags["lmforge.run_key"] == "cfg_card"
+    history.merge({"card": card}, run_cfg)  # merging again logs no second model, and registers no second version
     assert len(client.search_logged_models([merged["experiment_id"]])) == 1
+    assert len(client.search_model_versions("name = 'tiny-lm'")) == 1

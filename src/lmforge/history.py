@@ -41,6 +41,7 @@ import argparse
 import contextlib
 import fcntl
 import json
+import logging
 import sqlite3
 import subprocess
 import sys
@@ -50,6 +51,8 @@ from pathlib import Path
 import yaml
 
 from lmforge import plan, stage, tracking
+
+log = logging.getLogger(__name__)
 
 RUN_KEY_TAG = "lmforge.run_key"  # the configuration's key (its card stage's key), on the parent and its children
 CONFIGURATION_ROLE = {"lmforge.role": "configuration"}
@@ -441,6 +444,23 @@ def log_card(client, experiment: str, parent_id: str, card_run: str, card_dir: P
     client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
     for run_id in (card_run, parent_id):
         client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
+    if run_cfg.get("register_model"):
+        register(client, run_cfg["register_model"], model, card_run, run_cfg["run_key"])
+
+
+def register(client, name: str, model, card_run: str, run_key: str) -> None:
+    """The shipped model as a new version of the registered model `name` (run.register_model)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name, description="Models shipped by lmforge's card stage")
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    version = client.create_model_version(
+        name, source=model.artifact_location, run_id=card_run, model_id=model.model_id, tags={RUN_KEY_TAG: run_key}
+    )
+    log.info("registered %s version %s (configuration %s)", name, version.version, run_key)
 
 
 def wandb_sync(stages: dict[str, Path]) -> None:

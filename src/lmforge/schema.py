@@ -396,6 +396,8 @@ class RunConfig:
     mlflow_uri: str | None = None  # default: sqlite in results_dir; MLFLOW_TRACKING_URI overrides
     wandb: bool = False
     sweep: str | None = setting(None, NAME)  # the id of this configuration's sweep; set by the sweep expansion
+    # A name in the MLflow model registry: each configuration's shipped model becomes a version of it.
+    register_model: str | None = setting(None, NAME)
 
 
 @dataclass
