@@ -105,13 +105,19 @@ def curated_and_tokenized(root: Path) -> list[str]:
     """Run curate and tokenizer on the small corpus under `root`; the overrides that plan on top of them."""
     base = [*small_corpus_data(root / "corpus"), *TINY]
     stages = plan(root / "results", base)
+    curated(stages)
+    run_stage(stages["tokenizer"])
+    run_stage(stages["tasks"])  # the built-in task's conversations, which fine-tuning reads
+    return base
+
+
+def curated(stages: dict[str, planning.Stage]) -> Path:
+    """Run the curate_shard jobs and curate's merge; the curate stage's directory."""
     for stage in stages.values():
         if stage.name == "curate_shard":
             run_stage(stage)
     run_stage(stages["curate"])
-    run_stage(stages["tokenizer"])
-    run_stage(stages["tasks"])  # the built-in task's conversations, which fine-tuning reads
-    return base
+    return Path(stages["curate"].dir)
 
 
 def plan(results: Path, overrides: list[str]) -> dict[str, planning.Stage]:

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrain
 
 from lmforge import chat, config, finetune, plan, tasks, tokenizer
 from lmforge.schema import FinetuneTaskConfig
-from tests.stages import TINY, job_counts, run_stage
+from tests.stages import TINY, curated, job_counts, run_stage, small_corpus_data
 from tests.stages import plan as plan_stages
 
 SUMS = [(a, b) for a in range(6) for b in range(5)]
@@ -91,7 +91,9 @@ def user_tasks(root: Path) -> str:
 @pytest.fixture(scope="module")
 def tasks_stage(datasets_dir, tmp_path_factory):
     """The real tasks stage (`python -m lmforge.tasks`) on the three datasets."""
-    stages = plan_stages(tmp_path_factory.mktemp("results"), [*TINY, user_tasks(datasets_dir)])
+    root = tmp_path_factory.mktemp("results")
+    stages = plan_stages(root, [*small_corpus_data(root / "corpus"), *TINY, user_tasks(datasets_dir)])
+    curated(stages)  # held-out examples are checked against its training documents
     run = run_stage(stages["tasks"])
     return stages["tasks"].dir, run.stderr
 
@@ -146,6 +148,26 @@ def test_own_splits_are_kept_and_missing_ones_drawn_from_train(tasks_stage):
     assert (pairs["train"]["examples"], pairs["validation"]["examples"], pairs["test"]["examples"]) == (24, 6, 0)
 
 
+def test_held_out_examples_seen_in_pretraining_are_dropped_and_counted(tmp_path):
+    """A test answer that quotes a pretraining document was seen in training: it is dropped, not scored."""
+    stages = plan_stages(tmp_path / "results", [*small_corpus_data(tmp_path / "corpus"), *TINY])
+    train_text = pq.read_table(curated(stages) / "data" / "train.parquet").column("text")[0].as_py()
+    quoted = " ".join(train_text.split()[100:160])  # 60 words: longer than the stdlib settings' 30-word n-grams
+    rows = chat_rows()[:30]
+    rows[25]["messages"][-1]["content"] = quoted
+    write_jsonl(tmp_path / "qa" / "train.jsonl", rows[:20])
+    write_jsonl(tmp_path / "qa" / "test.jsonl", rows[20:])
+    qa = task("qa", tmp_path / "qa", test_split="test", validation_fraction=0.0)
+    stages = plan_stages(
+        tmp_path / "results", [*small_corpus_data(tmp_path / "corpus"), *TINY, f"finetune.data=[{qa}]"]
+    )
+    run = run_stage(stages["tasks"])
+    [described] = tasks.describe(stages["tasks"].dir)
+    assert described["leaked"] == {"validation": 0, "test": 1} and described["splits"]["test"]["examples"] == 9
+    assert quoted not in json.dumps(tasks.examples(stages["tasks"].dir, "test")["qa"])
+    assert "task qa: 1 test examples share a 30-word n-gram with a pretraining document: dropped" in run.stderr
+
+
 def test_drawn_splits_are_a_function_of_the_seed():
     spec = FinetuneTaskConfig(name="t", source="/x.jsonl", validation_fraction=0.2, test_fraction=0.2)
 
@@ -172,8 +194,14 @@ def test_a_hub_dataset_is_read_from_the_hf_cache_offline(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))  # planning, in this process
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # the stage's job
     stages = plan_stages(
-        tmp_path / "results", [*TINY, "finetune.data=[{name:sums,source:someone/sums,license:mit,test_split:test}]"]
+        tmp_path / "results",
+        [
+            *small_corpus_data(tmp_path / "corpus"),
+            *TINY,
+            "finetune.data=[{name:sums,source:someone/sums,license:mit,test_split:test}]",
+        ],
     )
+    curated(stages)
     run_stage(stages["tasks"])
     [sums] = tasks.describe(stages["tasks"].dir)
     assert {s: sums["splits"][s]["examples"] for s in tasks.SPLITS} == {"train": 18, "validation": 2, "test": 10}

@@ -125,8 +125,8 @@ def tasks_section(described: list[dict], finetune_metrics: dict) -> str:
         return "None: the model is not fine-tuned (`finetune=none` or an empty `finetune.data`)."
     lines = [
         "| task | source | licence | format | weight | train | validation | test | broken rows | duplicates "
-        "| too long: truncated, dropped |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| held out, seen in pretraining | too long: truncated, dropped |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     notes = []
     for task in described:
@@ -138,7 +138,7 @@ def tasks_section(described: list[dict], finetune_metrics: dict) -> str:
         lines.append(
             f"| {task['name']} | {task['source']} | {task['license']} | {task['format']} | {task['weight']:g} "
             f"| {splits['train']['examples']} | {splits['validation']['examples']} | {splits['test']['examples']} "
-            f"| {task['broken_rows']} | {task['duplicates']} | {too_long} |"
+            f"| {task['broken_rows']} | {task['duplicates']} | {sum(task.get('leaked', {}).values())} | {too_long} |"
         )
         origins = "; ".join(f"{split}: {splits[split]['origin']}" for split in ("train", "validation", "test"))
         limit = f"at most {task['max_tokens']} tokens" if task["max_tokens"] else "at most the model's context"

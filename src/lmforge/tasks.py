@@ -7,7 +7,9 @@ conversation (`messages_field`: {role, content} messages, roles system/user/assi
 assistant's answer) or a prompt/response pair, with the field names the task configures. A row that is
 neither is broken: skipped, counted, and named (file:line) in the log and in tasks.json. Exact duplicate
 conversations are dropped (a held-out copy of a training example would leak). A split the dataset does not
-have is drawn from its train split by its fraction, seeded by `seed` and the task's name.
+have is drawn from its train split by its fraction, seeded by `seed` and the task's name. A validation or
+test example of a dataset task that shares a word n-gram with a pretraining document (curate's train split,
+its decontamination settings) is dropped and counted: it was seen in pretraining.
 
 The key hashes `finetune.data` and the seed only (and curate's key), so a sweep over fine-tuning settings
 reads the tasks once.
@@ -16,7 +18,8 @@ Outputs:
   <task>/{train,validation,test}.parquet   id, messages (list of {role, content})
   tasks.json                               per task: name, source, description, licence, format, weight,
                                            length limit, each split's examples, bytes and origin, rows read,
-                                           broken rows (the first named) and duplicates
+                                           broken rows (the first named), duplicates and held-out
+                                           examples dropped as seen in pretraining (leaked)
 
 Readers for the stages after it: `examples(stage_dir, split)` and `describe(stage_dir)`.
 """
@@ -37,7 +40,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lmforge import chat, curate, stage
+from lmforge import chat, curate, dedup, stage
 from lmforge.schema import BUILTIN_TASK, FinetuneTaskConfig, StageConfig, stage_config
 
 log = logging.getLogger(__name__)
@@ -356,19 +359,66 @@ def builtin_description(curated: str) -> tuple[str, str, str]:
     return source, " ".join(curate.task_description(data.task, stats).split()), data.license
 
 
+def drop_leaked(read: list[tuple[FinetuneTaskConfig, dict, dict]], curated: str) -> None:
+    """Drop the dataset tasks' validation and test examples that share a word n-gram with a pretraining document.
+
+    The other direction from curate's decontamination, which drops training documents: dropping them here
+    would make the pretraining corpus, and every stage after it, depend on the fine-tuning data, so a sweep
+    over tasks would pretrain again. Either way no held-out example was seen in training. An n-gram that more
+    than `data.decontamination.max_documents` pretraining documents hold is boilerplate, as in curate. The
+    built-in task's held-out pairs are curate's own decontamination's."""
+    settings = stage_config(stage.manifest(curated)["config"]).data.decontamination
+    held_out = [
+        (description, split, position, " ".join(m["content"] for m in conversation))
+        for task, splits, description in read
+        if task.source != BUILTIN_TASK
+        for split in ("validation", "test")
+        for position, (_, conversation) in enumerate(splits[split])
+    ]
+    for *_, description in read:
+        description["leaked"] = {"validation": 0, "test": 0}
+    if not settings.enabled or not held_out:
+        return
+    index = dedup.NgramIndex(settings.ngram)
+    for *_, text in held_out:
+        index.add(text)
+    index.freeze()
+    documents = np.zeros(len(index.grams), dtype=np.int64)  # pretraining documents holding each n-gram
+    for batch in pq.ParquetFile(Path(curated, "data", "train.parquet")).iter_batches(columns=["text"]):
+        for text in batch.column("text").to_pylist():
+            documents[index.found(text)] += 1
+    limit = settings.max_documents if settings.max_documents is not None else np.inf
+    counts = (documents > 0) & (documents <= limit)
+    leaked = [(d, split, position) for d, split, position, text in held_out if counts[index.found(text)].any()]
+    for task, splits, description in read:
+        for split in ("validation", "test"):
+            gone = {position for d, s, position in leaked if d is description and s == split}
+            description["leaked"][split] = len(gone)
+            if gone:
+                log.warning("task %s: %d %s examples share a %d-word n-gram with a pretraining document: dropped",
+                            task.name, len(gone), split, settings.ngram)  # fmt: skip
+                splits[split] = [row for i, row in enumerate(splits[split]) if i not in gone]
+                description["splits"][split]["examples"] = len(splits[split])
+                description["splits"][split]["bytes"] = size([c for _, c in splits[split]])
+
+
 def main(cfg: StageConfig, out: Path, tracker) -> dict:
-    described, metrics = [], {}
+    described, metrics, read = [], {}, []
     for index, task in enumerate(cfg.finetune.data):
         splits, description = read_task(task, index, cfg.inputs.get("curate"), cfg.seed)
         if task.source == BUILTIN_TASK:
             description["source"], builtin_text, description["license"] = builtin_description(cfg.inputs["curate"])
             description["description"] = task.description or builtin_text
+        read.append((task, splits, description))
+    drop_leaked(read, cfg.inputs["curate"])
+    for task, splits, description in read:
         (out / task.name).mkdir()
         for split in SPLITS:
             write_split(out / task.name / f"{split}.parquet", splits[split])
             metrics[f"{task.name}.{split}_examples"] = len(splits[split])
         metrics[f"{task.name}.broken_rows"] = description["broken_rows"]
         metrics[f"{task.name}.duplicates"] = description["duplicates"]
+        metrics[f"{task.name}.leaked"] = sum(description["leaked"].values())
         described.append(description)
         log.info(
             "task %s (%s): %s examples, %d broken rows, %d duplicates",
