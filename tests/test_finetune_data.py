@@ -349,12 +349,14 @@ def test_rows_pack_consecutive_examples_up_to_the_row_length():
 
 @pytest.mark.e2e
 def test_a_run_on_a_user_dataset_ships_a_card_that_names_it(tmp_path, datasets_dir):
-    """A prose corpus (no Python: the built-in task would find nothing) fine-tuned on a user's chat dataset."""
+    """A prose corpus (no Python: the built-in task would find nothing) fine-tuned on a mixture of two of a
+    user's datasets, chat and prompt/response, one three times as often as the other."""
     from tests.test_any_corpus import only_dir, snakemake
 
     source = datasets_dir / "chat.jsonl"
     user_task = task("arithmetic", source, description="Sums of small numbers, written for this test.")
-    run = snakemake(tmp_path, f"finetune.data=[{user_task}]")
+    second = task("operands", datasets_dir / "splits", test_split="test", validation_fraction=0.25, weight=3)
+    run = snakemake(tmp_path, f"finetune.data=[{user_task},{second}]")
     assert run.returncode == 0, run.stderr[-5000:]
     assert {"tasks", "finetune"} <= set(job_counts(run.stdout + run.stderr))
     results = tmp_path / "results"
@@ -370,6 +372,12 @@ def test_a_run_on_a_user_dataset_ships_a_card_that_names_it(tmp_path, datasets_d
     described = [readme.split("\n## ")[0], *(card_sections[s] for s in ("Training data", "Licences", "Limitations"))]
     described += [sheet_sections[s] for s in ("Source and licence", "Fine-tuning tasks", "Limitations")]
     assert "docstring" not in "".join(described).lower()
-    assert "fine-tuned (full) by lmforge on arithmetic" in readme and "What is" in readme  # the usage prompt
+    assert "fine-tuned (full) by lmforge on a mixture of 2 tasks by weight: arithmetic" in readme
+    assert "What is" in readme  # the usage prompt
+    assert "a mixture of 2 tasks by weight" in readme and "operands" in readme and "operands" in sheet
     tuned = json.loads((only_dir(results / "finetune") / "manifest.json").read_text())["metrics"]
-    assert tuned["arithmetic.drawn_share"] == 1.0 and tuned["arithmetic.train_examples"] == 24
+    assert tuned["arithmetic.train_examples"] == 24 and tuned["operands.train_examples"] == 18
+    assert abs(tuned["operands.drawn_share"] - 0.75) < 0.1 and abs(tuned["arithmetic.drawn_share"] - 0.25) < 0.1
+    scored = json.loads((only_dir(results / "evaluate") / "results.json").read_text())["models"]
+    for model in ("pretrain", "finetune", "quantize"):  # each task on its own test split, before and after
+        assert set(scored[model]["tasks"]) == {"arithmetic", "operands"}, model
