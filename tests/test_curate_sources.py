@@ -32,11 +32,12 @@ def prose(rng: random.Random, sentences: int = 8) -> str:
 def mixed_corpus(root: Path) -> Path:
     """A generated corpus (one JSON-lines file) plus a Parquet file of small row groups and text files that
     repeat some of its documents, so that duplicates cross files and shards."""
-    corpus_gen.generate(root, 400_000, seed=5)
+    manifest = corpus_gen.generate(root, 400_000, seed=5)
     corpus = root / "corpus"
+    clean = set(manifest["clean"] + manifest["code"])  # a copy of junk would go to a filter, not to dedup
     rows = [json.loads(line) for line in (corpus / "part-00000.jsonl").read_text().splitlines()]
     rng = random.Random(1)
-    copies = rng.sample(rows, 20)
+    copies = rng.sample([row for row in rows if row["id"] in clean], 20)
     table = pa.Table.from_pylist([{"text": row["text"], "id": f"copy-{i}"} for i, row in enumerate(copies[:10])])
     pq.write_table(table, corpus / "copies.parquet", row_group_size=3)
     for i, row in enumerate(copies[10:]):
