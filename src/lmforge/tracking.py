@@ -157,10 +157,18 @@ def gpu_handles() -> list:
     except Exception:  # not installed, or no NVIDIA driver: no GPU figures
         return []
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    indices = (
-        [int(i) for i in visible.split(",") if i.strip().isdigit()] if visible else range(pynvml.nvmlDeviceGetCount())
-    )
-    return [pynvml.nvmlDeviceGetHandleByIndex(i) for i in indices]
+    if not visible:
+        return [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+    handles = []
+    for device in (d.strip() for d in visible.split(",") if d.strip()):
+        with contextlib.suppress(Exception):  # a device NVML does not know (a MIG instance): no figures for it
+            # Slurm gives indices; some clusters give UUIDs (GPU-..., MIG-...).
+            handles.append(
+                pynvml.nvmlDeviceGetHandleByIndex(int(device))
+                if device.isdigit()
+                else pynvml.nvmlDeviceGetHandleByUUID(device)
+            )
+    return handles
 
 
 def system_sample(process, known: dict, handles: list) -> dict:
