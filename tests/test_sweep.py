@@ -184,6 +184,12 @@ def test_sweep_runs_shared_stages_once_and_every_branch(two_by_two, results):
         assert len([d for d in (results / stage).iterdir() if d.is_dir()]) == 1
     cards = [json.loads(Path(run["card"].dir, "manifest.json").read_text()) for run in two_by_two.plan.runs]
     assert len(cards) == 4 and {card["config"]["run"]["sweep"] for card in cards} == {two_by_two.plan.id}
+    # The comparison plot draws each training run once: two pretrainings, each shared by two configurations
+    # that differ in eval.num_shots only, labelled with the learning rate alone.
+    [curves] = (results / "report").rglob(f"*{two_by_two.plan.id}/loss_curves.svg")
+    text = curves.read_text()
+    assert "<!-- train.lr=0.001 (2 configurations) -->" in text and "<!-- train.lr=0.003 (2 configurations) -->" in text
+    assert "eval.num_shots" not in text
 
 
 @pytest.mark.e2e

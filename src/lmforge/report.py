@@ -59,7 +59,7 @@ def loss_curves(client, configuration: dict) -> dict:
         found = client.search_runs([configuration["experiment_id"]], filter_string=condition, max_results=1)
         if not found:
             continue
-        curves[stage] = {}
+        curves[stage] = {"key": found[0].data.tags.get("lmforge.stage_key", configuration["run_key"])}
         for metric in metrics:
             points = sorted(client.get_metric_history(found[0].info.run_id, metric), key=lambda p: p.step)
             curves[stage][metric] = ([p.step for p in points], [p.value for p in points])
@@ -76,6 +76,23 @@ def label(configuration: dict, swept: list[str]) -> str:
     return ", ".join(f"{p}={configuration['params'].get(p)}" for p in swept)
 
 
+def stage_groups(curves: list[dict], configurations: list[dict], swept: list[str], stage: str) -> list[tuple]:
+    """(label, curves) for each run of `stage`: configurations that share it (a sweep over evaluation settings
+    shares one pretraining) are one line, labelled with the swept values that differ between the runs."""
+    groups: dict[str, list[int]] = {}
+    for index, found in enumerate(curves):
+        if stage in found:
+            groups.setdefault(found[stage]["key"], []).append(index)
+    firsts = [configurations[members[0]] for members in groups.values()]
+    differing = [p for p in swept if len({c["params"].get(p) for c in firsts}) > 1]
+    labelled = []
+    for members in groups.values():
+        name = label(configurations[members[0]], differing) if differing else "every configuration"
+        shared = f" ({len(members)} configurations)" if len(members) > 1 else ""
+        labelled.append((name + shared, curves[members[0]][stage]))
+    return labelled
+
+
 def plot_loss_curves(client, configurations: list[dict], swept: list[str], path: Path) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
@@ -83,24 +100,24 @@ def plot_loss_curves(client, configurations: list[dict], swept: list[str], path:
     fig, axes = plt.subplots(1, len(PANELS), figsize=(5.5 * len(PANELS), 4.5), squeeze=False)
     colors = plt.get_cmap("tab10")
     configurations = sorted(configurations, key=lambda c: values_order([c["params"].get(p) for p in swept]))
-    for index, configuration in enumerate(configurations):
-        curves = loss_curves(client, configuration)
-        for ax, (stage, axis) in zip(axes[0], PANELS):
-            if stage not in curves or (axis == "tokens" and "tokens_per_step" not in curves[stage]):
-                continue
-            scale = curves[stage]["tokens_per_step"] if axis == "tokens" else 1
-            for metric, style in zip(CURVES[stage], ("-", "--")):
-                steps, values = curves[stage][metric]
-                name = label(configuration, swept) if metric == "train_loss" else None
-                ax.plot([s * scale for s in steps], values, style, marker=".", color=colors(index % 10), label=name)
+    curves = [loss_curves(client, configuration) for configuration in configurations]
     for ax, (stage, axis) in zip(axes[0], PANELS):
+        for index, (name, stage_curves) in enumerate(stage_groups(curves, configurations, swept, stage)):
+            if axis == "tokens" and "tokens_per_step" not in stage_curves:
+                continue
+            scale = stage_curves["tokens_per_step"] if axis == "tokens" else 1
+            for metric, style in zip(CURVES[stage], ("-", "--")):
+                steps, values = stage_curves[metric]
+                shown = name if metric == "train_loss" else None
+                ax.plot([s * scale for s in steps], values, style, marker=".", color=colors(index % 10), label=shown)
         xlabel = "tokens trained on" if axis == "tokens" else "optimizer step"
         ax.set(title=f"{stage}: train (solid), validation (dashed)", xlabel=xlabel, ylabel=LOSS_UNIT)
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if not ax.lines:
             ax.text(0.5, 0.5, f"no finished {stage} run", transform=ax.transAxes, ha="center", color="gray")
-    axes[0][0].legend(fontsize=8, title=None if swept else "run key")
+        elif axis == "step":  # each stage's first panel: its runs differ from the other stage's
+            ax.legend(fontsize=8, title=None if swept else "run key")
     fig.tight_layout()
     save(fig, path)
 
