@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from lmforge import corpus_gen, dedup, filters, schema, sources
-from tests.stages import plan, run_stage
+from tests.stages import curated, plan
 
 ALLOWED = ",".join(corpus_gen.LICENSES)
 
@@ -35,18 +35,14 @@ def curate(results: Path, corpus: Path, *overrides: str) -> tuple[dict, dict[str
             *overrides,
         ],
     )
-    for stage in stages.values():
-        if stage.name == "curate_shard":
-            run_stage(stage)
-    run_stage(stages["curate"])
-    curated = Path(stages["curate"].dir)
+    curate_dir = curated(stages)
     kept = {}
     for split in ("train", "validation", "test"):
-        for row in pq.read_table(curated / "data" / f"{split}.parquet").to_pylist():
+        for row in pq.read_table(curate_dir / "data" / f"{split}.parquet").to_pylist():
             kept[row["id"]] = row["text"]
-    stats = json.loads((curated / "stats.json").read_text())
-    stats["datasheet"] = (curated / "datasheet.md").read_text()
-    stats["metrics"] = json.loads((curated / "manifest.json").read_text())["metrics"]
+    stats = json.loads((curate_dir / "stats.json").read_text())
+    stats["datasheet"] = (curate_dir / "datasheet.md").read_text()
+    stats["metrics"] = json.loads((curate_dir / "manifest.json").read_text())["metrics"]
     return stats, kept
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
+import re
 import shutil
 import subprocess
 from collections import Counter
@@ -14,9 +16,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lmforge import config, corpus_gen, schema, sources
+from lmforge import config, corpus_gen, schema, sources, stage
 from lmforge.workflow import snakemake_command
-from tests.stages import PROSE_WORDS, TINY, plan, run_stage
+from tests.stages import PROSE_WORDS, TINY, curated, plan
 
 GENERATED = ["data.name=generated", "data.license=MIT", "finetune=none"]
 
@@ -106,13 +108,8 @@ def test_a_hub_dataset_streams_from_the_offline_cache_in_shards(tmp_path, monkey
     for key, value in {"HF_HOME": str(home), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}.items():
         monkeypatch.setenv(key, value)
     overrides = ["data.source=villagers/letters", "data.text_field=body", "data.shards=2", *GENERATED, *TINY]
-    stages = plan(tmp_path / "results", overrides)
-    for stage in stages.values():
-        if stage.name == "curate_shard":
-            run_stage(stage)
-    run_stage(stages["curate"])
-    curated = Path(stages["curate"].dir)
-    docs = [row for split in ("train", "validation", "test") for row in pq.read_table(curated / "data" / f"{split}.parquet").to_pylist()]  # fmt: skip
+    curate_dir = curated(plan(tmp_path / "results", overrides))
+    docs = [row for split in ("train", "validation", "test") for row in pq.read_table(curate_dir / "data" / f"{split}.parquet").to_pylist()]  # fmt: skip
     assert sorted(d["id"] for d in docs) == sorted(r["id"] for r in rows)
     assert {d["license"] for d in docs} == {"CC0-1.0"}  # the rows' own licence column
 
@@ -138,3 +135,22 @@ def test_doctor_says_where_each_configuration_reads_its_data(tmp_path, monkeypat
     cfgs = [config.load([f"data.source={source}", *GENERATED]) for source in ("villagers/letters", tmp_path)]
     status, seen, _ = doctor.check_data(doctor.Context(cfgs))
     assert status == "OK" and "villagers___letters" in seen and f"local directory {tmp_path}" in seen
+
+
+def test_a_shard_job_logs_how_far_it_has_read_and_when_it_will_end(tmp_path, caplog):
+    """A shard of a large corpus runs for hours: its log says MB read of its share, the rate and an ETA."""
+    corpus = mixed_corpus(tmp_path)
+    data = schema.DataConfig(source=str(corpus), text_field="text")
+    total = sources.shard_megabytes(data, 2)
+    stats = Counter()
+    for shard in range(2):
+        list(sources.read_source(data, stats, shard, 2))
+    assert abs(stats["bytes_read"] / 1e6 - 2 * total) < 0.1 * 2 * total  # the shares add up to what is read
+    caplog.set_level(logging.INFO)
+    progress = stage.Progress(logging.getLogger("test"), "shard 1/2: read", total, " MB", every_s=0)
+    progress(total / 4, "(10 documents kept of 12 read)")
+    [line] = caplog.messages
+    assert re.fullmatch(
+        rf"shard 1/2: read {total / 4:.6g}/{total:.6g} MB \S+ MB/s eta=\d+\.\dmin \(10 documents kept of 12 read\)",
+        line,
+    ), line

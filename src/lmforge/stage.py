@@ -178,7 +178,7 @@ class Progress:
         rate = done / max(now - self.start, 1e-9)
         of = f"/{self.total:.6g}" if self.total is not None else ""
         eta = f" eta={max(self.total - done, 0) / rate / 60:.1f}min" if self.total is not None and rate > 0 else ""
-        self.log.info(f"{self.what} {done:.6g}{of}{self.unit} {rate:.1f}{self.unit}/s{eta} {detail}".rstrip())
+        self.log.info(f"{self.what} {done:.6g}{of}{self.unit} {rate:.3g}{self.unit}/s{eta} {detail}".rstrip())
 
 
 class StageError(Exception):
