@@ -368,8 +368,8 @@ def drop_leaked(read: list[tuple[FinetuneTaskConfig, dict, dict]], curated: str)
     than `data.decontamination.max_documents` pretraining documents hold is boilerplate, as in curate. The
     built-in task's held-out pairs are curate's own decontamination's."""
     settings = stage_config(stage.manifest(curated)["config"]).data.decontamination
-    held_out = [
-        (description, split, position, " ".join(m["content"] for m in conversation))
+    held_out = [  # the turns, not the system prompt that every example of a task may share
+        (description, split, position, " ".join(m["content"] for m in conversation if m["role"] != "system"))
         for task, splits, description in read
         if task.source != BUILTIN_TASK
         for split in ("validation", "test")
