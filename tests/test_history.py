@@ -1,5 +1,6 @@
 """Run history: stage records merged into a real MLflow SQLite store, `lmforge runs`, the comparison report."""
 
+import contextlib
 import csv
 import io
 import json
@@ -14,6 +15,7 @@ from pathlib import Path
 from xml.etree import ElementTree
 
 import pytest
+from google.protobuf.message import DecodeError
 from mlflow.tracking import MlflowClient
 
 from lmforge import history, tracking
@@ -355,9 +357,17 @@ def test_wandb_logs_offline_where_wandb_sync_finds_it(tmp_path, monkeypatch):
     )
     [offline] = (stage_dir / tracking.RECORD_DIR / "wandb").glob("offline-run-*")
     [synced] = offline.glob("*.wandb")  # what `wandb sync` (the wandb_sync rule) uploads
-    records = defaultdict(list)
-    for record in wandb_records(synced):
-        records[record.WhichOneof("record_type")].append(record)
+    # wandb's service process may still be writing the file when finish() returns (seen once under CI's load):
+    # the rule syncs it minutes later; the test waits for its last record, the exit.
+    deadline = time.monotonic() + 60
+    while True:
+        records = defaultdict(list)
+        with contextlib.suppress(DecodeError):  # a record half written
+            for record in wandb_records(synced):
+                records[record.WhichOneof("record_type")].append(record)
+        if records["exit"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     [run] = [record.run for record in records["run"]]
     assert (run.project, run.run_group, run.display_name, list(run.tags)) == ("lmforge", "cfg_w", "pretrain", ["demo"])
     assert {item.key: json.loads(item.value_json) for item in run.config.update}["train.lr"] == 0.1
