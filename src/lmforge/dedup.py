@@ -166,12 +166,16 @@ class NgramIndex:
         at = np.searchsorted(self.grams, grams).clip(max=len(self.grams) - 1)
         return np.unique(at[self.grams[at] == grams])
 
+    def documents_holding(self, texts: Iterable[str]) -> np.ndarray:
+        """Per evaluation n-gram, how many of the texts hold it."""
+        documents = np.zeros(len(self.grams), dtype=np.int64)
+        for text in texts:
+            documents[self.found(text)] += 1
+        return documents
+
     def exempt_common(self, training_texts: Iterable[str], max_documents: int) -> int:
         """Stop counting the n-grams more than `max_documents` training texts hold; returns how many."""
-        documents = np.zeros(len(self.grams), dtype=np.int64)
-        for text in training_texts:
-            documents[self.found(text)] += 1
-        self.counted = documents <= max_documents
+        self.counted = self.documents_holding(training_texts) <= max_documents
         return int((~self.counted).sum())
 
     def contaminated(self, text: str) -> bool:

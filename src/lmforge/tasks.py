@@ -383,10 +383,8 @@ def drop_leaked(read: list[tuple[FinetuneTaskConfig, dict, dict]], curated: str)
     for *_, text in held_out:
         index.add(text)
     index.freeze()
-    documents = np.zeros(len(index.grams), dtype=np.int64)  # pretraining documents holding each n-gram
-    for batch in pq.ParquetFile(Path(curated, "data", "train.parquet")).iter_batches(columns=["text"]):
-        for text in batch.column("text").to_pylist():
-            documents[index.found(text)] += 1
+    batches = pq.ParquetFile(Path(curated, "data", "train.parquet")).iter_batches(columns=["text"])
+    documents = index.documents_holding(text for batch in batches for text in batch.column("text").to_pylist())
     limit = settings.max_documents if settings.max_documents is not None else np.inf
     counts = (documents > 0) & (documents <= limit)
     leaked = [(d, split, position) for d, split, position, text in held_out if counts[index.found(text)].any()]
